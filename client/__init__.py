@@ -1,0 +1,1 @@
+"""Flower ClientApp for fedortho (thin adapter over ``fedortho.train``)."""

@@ -1,0 +1,110 @@
+"""``fedortho`` command line. The only module of the library that launches Flower."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from dataclasses import MISSING, fields
+
+from fedortho.config import ConfigError, RunConfig
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    for f in fields(RunConfig):
+        default = f.default if f.default is not MISSING else None
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        # Values stay strings here; RunConfig.from_mapping converts them and names bad ones.
+        parser.add_argument(flag, dest=f.name, default=None, metavar=f.type.upper() if isinstance(f.type, str) else "",
+                            help=help_text)
+
+
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
+    return RunConfig.from_mapping(given)
+
+
+def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbose: bool) -> None:
+    """Run a Flower simulation (Ray) of ``cfg`` with ``cfg.clients`` virtual SuperNodes."""
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    import warnings
+
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import make_server_app
+
+    warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
+    if not verbose:
+        # fedortho reports rounds and client problems itself; Flower's INFO/WARNING lines
+        # (including run_simulation's deprecation notice) are shown with --verbose.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    _stop_cleanly_on_signals()
+    init_args: dict = {"include_dashboard": False}
+    if ray_address:
+        init_args["address"] = ray_address
+    backend_config = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}, "init_args": init_args}
+    run_simulation(server_app=make_server_app(cfg), client_app=client_app, num_supernodes=cfg.clients,
+                   backend_config=backend_config, verbose_logging=verbose)
+
+
+def _stop_cleanly_on_signals() -> None:
+    """Ctrl-C or SIGTERM: stop Ray's processes and exit. Finished rounds are already on disk."""
+
+    def stop(signum, frame):  # noqa: ARG001
+        print("fedortho: interrupted; finished rounds are in the run folder", file=sys.stderr, flush=True)
+        try:
+            import ray
+
+            ray.shutdown()
+        finally:
+            os._exit(130)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedortho", description="Private federated fine-tuning with LoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a Flower simulation (default: private FedSVD on the embedded model)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_options(sim)
+    sim.add_argument("--client-cpus", type=float, default=1.0,
+                     help="CPUs per simulated client (Ray resources): clients run in parallel on the free cores")
+    sim.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (default: start one)")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's own log lines")
+    sub.add_parser("config", help="print the default run config as TOML ([tool.flwr.app.config])")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "config":
+            for key, value in RunConfig().to_dict(hyphenated=True).items():
+                print(f"{key} = {_toml(value)}")
+            return 0
+        cfg = _config_from_args(args)
+        simulate(cfg, args.client_cpus, args.ray_address, args.verbose)
+        return 0
+    except ConfigError as exc:
+        print(f"fedortho: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedortho: interrupted; finished rounds are in the run folder", file=sys.stderr)
+        return 130
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

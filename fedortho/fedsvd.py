@@ -1,0 +1,151 @@
+"""FedSVD refactorization and the aggregation rules of the three strategies.
+
+A LoRA adapter is a pair ``b: (out, r)``, ``a: (r, in)`` whose product ``b @ a`` is the
+weight update. FedSVD re-expresses the product as ``b_new @ a_new`` with ``a_new`` having
+orthonormal rows, without ever forming the ``(out, in)`` product.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+class AggregationError(ValueError):
+    """Client updates that cannot be combined (wrong keys, shapes or non-finite values)."""
+
+
+def refactorize(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(b_new, a_new)`` with ``b_new @ a_new == b @ a`` and orthonormal rows in ``a_new``.
+
+    Shapes: ``b: (..., out, r)``, ``a: (..., r, in)`` with ``r <= in``; leading dims batch
+    several adapters of one shape into one call. Cost O((out + in) r^2 + r^3) per adapter:
+    QR of ``b`` and of ``a^T``, then an SVD of the small ``(min(out, r), r)`` core.
+    ``a_new`` holds the right singular vectors of ``b @ a`` (singular values in descending
+    order, folded into ``b_new``); its rows lie in the row space of ``a``. Signs are fixed so
+    that the largest-magnitude entry of each row of ``a_new`` is positive, which makes the
+    result deterministic. Works for rank-deficient and zero ``b``. Computed in float64 and
+    returned in the input dtype.
+    """
+    if b.shape[-1] != a.shape[-2]:
+        raise ValueError(f"refactorize: b {tuple(b.shape)} and a {tuple(a.shape)} do not share the rank dimension")
+    r, n_in = a.shape[-2], a.shape[-1]
+    if r > n_in:
+        raise ValueError(f"refactorize: rank {r} exceeds the input dimension {n_in}; a cannot have orthonormal rows")
+    dtype = b.dtype
+    b64, a64 = b.to(torch.float64), a.to(torch.float64)
+    qb, rb = torch.linalg.qr(b64)                     # (out, p), (p, r), p = min(out, r)
+    qa, ra = torch.linalg.qr(a64.transpose(-1, -2))  # (in, r), (r, r)
+    u, s, vh = torch.linalg.svd(rb @ ra.transpose(-1, -2), full_matrices=True)  # core (p, r) = u diag(s) vh
+    a_new = vh @ qa.transpose(-1, -2)                # (r, in), orthonormal rows
+    # Sign convention: flipping a row of a_new and the matching column of b_new leaves the
+    # product unchanged; make each row's largest-magnitude entry positive. The flips are
+    # folded into the small (p, r) factor so that b_new costs one (out, p) x (p, r) product.
+    # (r, 1); never 0: each row of a_new is a unit vector
+    sign = torch.gather(a_new, -1, a_new.abs().argmax(dim=-1, keepdim=True)).sign()
+    a_new = a_new * sign
+    p = s.shape[-1]
+    small = u * s.unsqueeze(-2)                       # (p, p)
+    if p < r:  # out < r: b_new's trailing r - p columns are zero
+        small = torch.cat([small, small.new_zeros(*small.shape[:-1], r - p)], dim=-1)
+    b_new = qb @ (small * sign.transpose(-1, -2))
+    return b_new.to(dtype), a_new.to(dtype)
+
+
+def refactorize_full_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: the (out, in) product and its full SVD, as in the FedSVD paper's code.
+
+    O(out * in * min(out, in)) per adapter; kept for tests and benchmarks only.
+    """
+    r = a.shape[-2]
+    u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)
+    return u[..., :, :r] * s[..., None, :r], vh[..., :r, :]
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Mean of equally shaped tensors weighted by ``weights`` (e.g. example counts), in float64."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise AggregationError("aggregation weights sum to zero (no client reported examples)")
+    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for t, w in zip(tensors, weights):
+        acc += t.to(torch.float64) * (float(w) / total)
+    return acc.to(tensors[0].dtype)
+
+
+def check_update(update: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], who: str) -> None:
+    """Reject an update whose keys or shapes differ from ``expected`` or that holds NaN/inf."""
+    missing = sorted(set(expected) - set(update))
+    extra = sorted(set(update) - set(expected))
+    if missing or extra:
+        raise AggregationError(f"{who}: update keys differ (missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, v in update.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise AggregationError(f"{who}: '{k}' has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        if not torch.isfinite(v).all():
+            raise AggregationError(f"{who}: '{k}' contains NaN or inf")
+
+
+def lora_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """Pair every ``...lora_B...`` key with its ``...lora_A...`` key."""
+    pairs = []
+    for name in sorted(names):
+        if "lora_B" in name:
+            a_name = name.replace("lora_B", "lora_A")
+            if a_name not in names:
+                raise KeyError(f"adapter '{name}' has no matching lora_A")
+            pairs.append((name, a_name))
+    return pairs
+
+
+def refactorize_all(state: Mapping[str, torch.Tensor]) -> Tensors:
+    """Refactorize every (B, A) pair of ``state``; adapters of one shape share one batched call."""
+    new = dict(state)
+    groups: dict[tuple, list[tuple[str, str]]] = {}
+    for b_name, a_name in lora_pairs(list(state)):
+        groups.setdefault((tuple(state[b_name].shape), tuple(state[a_name].shape)), []).append((b_name, a_name))
+    for members in groups.values():
+        bs = torch.stack([state[b] for b, _ in members])
+        as_ = torch.stack([state[a] for _, a in members])
+        b_new, a_new = refactorize(bs, as_)
+        for i, (b_name, a_name) in enumerate(members):
+            new[b_name], new[a_name] = b_new[i].contiguous(), a_new[i].contiguous()
+    return new
+
+
+def aggregate(
+    strategy: str,
+    global_state: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    server_round: int,
+    svd_period: int = 1,
+) -> tuple[Tensors, bool]:
+    """One server step. Returns the new global adapter state and whether any A changed.
+
+    ``updates`` hold only the trained tensors (B and the head; A as well for ``fedavg``);
+    every other tensor keeps its global value. Each is averaged weighted by ``weights``.
+    ``fedsvd`` then refactorizes every ``svd_period``-th round (rounds start at 1).
+    """
+    if not updates:
+        raise AggregationError("no client updates to aggregate")
+    keys = sorted(updates[0])
+    unknown = [k for k in keys if k not in global_state]
+    if unknown:
+        raise AggregationError(f"update 0: keys unknown to the global model: {unknown[:3]}")
+    expected = {k: global_state[k] for k in keys}
+    for i, u in enumerate(updates):
+        check_update(u, expected, f"update {i}")
+    if strategy in ("fedsvd", "ffa") and any("lora_A" in k for k in keys):
+        raise AggregationError(f"{strategy}: clients must not send lora_A")
+    new = dict(global_state)
+    for k in keys:
+        new[k] = weighted_mean([u[k] for u in updates], weights)
+    a_changed = strategy == "fedavg"
+    if strategy == "fedsvd" and server_round % svd_period == 0:
+        new = refactorize_all(new)
+        a_changed = True
+    return new, a_changed

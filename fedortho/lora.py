@@ -1,0 +1,112 @@
+"""LoRA adapters through PEFT: attach, read and write A/B/head, freeze rules, save.
+
+Adapter tensors are named as in ``peft.get_peft_model_state_dict`` (for example
+``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight`` and
+``base_model.model.classifier.weight``), which is also the on-disk PEFT format.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from fedortho.config import RunConfig
+
+Tensors = dict[str, torch.Tensor]
+
+
+def attach_lora(base: torch.nn.Module, cfg: RunConfig, seed: int) -> torch.nn.Module:
+    """Wrap ``base`` with LoRA adapters (B = 0, A drawn from ``seed``) and a trainable head copy."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+        target_modules=cfg.targets,
+    )
+    torch.manual_seed(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # a transformers deprecation PEFT triggers
+            model = get_peft_model(base, config)
+    except ValueError as exc:
+        raise ValueError(f"lora-targets '{cfg.lora_targets}': {exc}") from exc
+    model.eval()  # dropout off: DP accounting and reproducibility do not need it
+    return model
+
+
+def adapter_state(model: torch.nn.Module) -> Tensors:
+    """All adapter tensors (A, B and, with a SEQ_CLS task, the head), detached copies."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Write (some of) the adapter tensors into ``model`` in place; unknown names are an error."""
+    params = _adapter_params(model)
+    for name, value in state.items():
+        if name not in params:
+            raise KeyError(f"'{name}' is not an adapter tensor of this model")
+        target = params[name]
+        if target.shape != value.shape:
+            raise ValueError(f"'{name}' has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(value.to(target.dtype))
+
+
+def trainable_names(state_names, strategy: str, train_head: bool) -> list[str]:
+    """Names that clients train and send: B always, A only for fedavg, the head if enabled."""
+    names = []
+    for name in state_names:
+        if "lora_B" in name or ("lora_A" in name and strategy == "fedavg"):
+            names.append(name)
+        elif "lora_" not in name and train_head:
+            names.append(name)
+    return sorted(names)
+
+
+def set_trainable(model: torch.nn.Module, names: list[str]) -> list[torch.nn.Parameter]:
+    """Freeze every parameter except the adapter tensors in ``names``; return those, in order."""
+    params = _adapter_params(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    chosen = []
+    for name in names:
+        params[name].requires_grad_(True)
+        chosen.append(params[name])
+    return chosen
+
+
+def save_adapter(model: torch.nn.Module, folder: str | Path) -> Path:
+    """Save in PEFT format, loadable with ``PeftModel.from_pretrained(base, folder)``."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _adapter_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Map PEFT state-dict names to the live parameters they are read from."""
+    from peft import get_peft_model_state_dict
+
+    by_id = {id(p): p for p in model.parameters()}
+    live = dict(model.named_parameters())
+    names = get_peft_model_state_dict(model).keys()
+    out = {}
+    for name in names:
+        # PEFT drops the adapter name ("default") and, for the head, the wrapper prefix.
+        candidates = [
+            name.replace(".weight", ".default.weight").replace(".bias", ".default.bias"),
+            name.replace("classifier.", "classifier.modules_to_save.default."),
+            name.replace("score.", "score.modules_to_save.default."),
+            name,
+        ]
+        for c in candidates:
+            if c in live and id(live[c]) in by_id:
+                out[name] = live[c]
+                break
+        else:
+            raise KeyError(f"cannot locate parameter for adapter tensor '{name}'")
+    return out

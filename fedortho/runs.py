@@ -1,0 +1,128 @@
+"""A run's folder: config.json, metrics.jsonl, summary.json, the adapter and a plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fedortho.config import RunConfig
+
+PACKAGES = ("fedortho", "flwr", "flwr-datasets", "opacus", "torch", "peft", "transformers", "ray", "numpy")
+
+
+def get_logger() -> logging.Logger:
+    """The ``fedortho`` logger: one line per event on stderr, independent of Flower's logger."""
+    logger = logging.getLogger("fedortho")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("fedortho: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def default_out(cfg: RunConfig) -> Path:
+    eps = "inf" if not cfg.private else f"{cfg.epsilon:g}"
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.strategy}-eps{eps}-seed{cfg.seed}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf"/"nan": strict JSON has no infinities
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class RunRecorder:
+    """Writes a run's outputs as they happen, so an interrupted run keeps its finished rounds."""
+
+    def __init__(self, cfg: RunConfig, out: Path, echo: bool = True) -> None:
+        self.cfg, self.out, self.echo = cfg, Path(out), echo
+        if (self.out / "metrics.jsonl").exists():
+            raise FileExistsError(f"run folder {self.out} already holds a run; choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.time()
+        meta = {"config": cfg.to_dict(hyphenated=True), "seed": cfg.seed, "git-commit": git_commit(),
+                "packages": package_versions(), "python": sys.version.split()[0], "platform": platform.platform()}
+        (self.out / "config.json").write_text(json.dumps(_json_safe(meta), indent=2) + "\n")
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(_json_safe(row)) + "\n")
+        if self.echo:
+            eps = row.get("epsilon")
+            eps_text = "-" if eps is None else ("inf" if not math.isfinite(eps) else f"{eps:.2f}")
+            print(f"round {row['round']:>3}/{self.cfg.rounds}  accuracy {row['test-accuracy']:.4f}  "
+                  f"loss {row['test-loss']:.4f}  epsilon {eps_text}  clients {row.get('clients-replied', '-')}  "
+                  f"{row.get('round-seconds', 0.0):.1f}s", flush=True)
+
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        last = self.rows[-1] if self.rows else {}
+        trained = [r for r in self.rows if r["round"] > 0]
+        summary = {
+            "strategy": self.cfg.strategy, "epsilon-target": self.cfg.epsilon, "rounds": self.cfg.rounds,
+            "final-accuracy": last.get("test-accuracy"), "final-loss": last.get("test-loss"),
+            "best-accuracy": max((r["test-accuracy"] for r in self.rows), default=None),
+            "epsilon-spent": max((r["epsilon"] for r in trained if r.get("epsilon") is not None), default=0.0),
+            "wall-seconds": round(time.time() - self.started, 2), **(extra or {}),
+        }
+        (self.out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+        self.plot()
+        return summary
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r["round"] for r in self.rows]
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot(rounds, [r["test-accuracy"] for r in self.rows], marker="o", color="tab:blue")
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy", color="tab:blue")
+        eps = [(r["round"], r["epsilon"]) for r in self.rows if r.get("epsilon") is not None and math.isfinite(r["epsilon"])]
+        if eps:
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*eps), marker="s", color="tab:red")
+            ax2.set_ylabel("epsilon spent (max over clients)", color="tab:red")
+        title = "inf" if not self.cfg.private else f"{self.cfg.epsilon:g}"
+        ax.set_title(f"{self.cfg.strategy}, target epsilon {title}")
+        fig.tight_layout()
+        path = self.out / "accuracy_epsilon.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path

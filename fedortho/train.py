@@ -1,0 +1,149 @@
+"""One client's local training (DP-SGD or plain) and evaluation of a classifier."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedortho import privacy
+from fedortho.config import RunConfig
+from fedortho.lora import adapter_state, set_trainable
+from fedortho.optim import build_optimizer
+
+# Only adapter tensors require gradients, so module inputs never do: Opacus' hooks fire on
+# outputs, as intended.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+@dataclass
+class ClientResult:
+    """What a client round produces: the trained tensors and what to report."""
+
+    update: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+    epsilon: float  # cumulative over the client's participation; inf without DP
+    steps: int
+    noise_multiplier: float
+    history: privacy.History = field(default_factory=list)
+
+
+def round_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """Independent, reproducible seed for one client in one round."""
+    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
+
+
+def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop padding columns that no example of the batch uses (inputs are right-padded)."""
+    width = max(1, int(attention_mask.sum(dim=1).max()))
+    return input_ids[:, :width], attention_mask[:, :width]
+
+
+def _logits(model, input_ids, attention_mask) -> torch.Tensor:
+    input_ids, attention_mask = _trim(input_ids, attention_mask)
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def _forward_loss(model, batch) -> torch.Tensor:
+    input_ids, attention_mask, labels = batch
+    logits = _logits(model, input_ids, attention_mask)
+    return F.cross_entropy(logits, labels)
+
+
+def _batches(loader: DataLoader):
+    while True:  # a round is counted in steps, not epochs
+        yield from loader
+
+
+def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig, trainable: list[str],
+                 history: privacy.History, seed: int) -> ClientResult:
+    """Train ``trainable`` adapter tensors of ``model`` for ``cfg.local_steps`` steps.
+
+    With a finite ``cfg.epsilon``: Poisson sampling, per-sample clipping to ``cfg.clip`` and
+    Gaussian noise with the multiplier planned for the client's whole participation; raises
+    ``privacy.BudgetExhausted`` (before training) if the round would exceed the target.
+    ``history`` is the accountant's history so far; the result carries the extended one.
+    """
+    n = len(dataset)
+    model.train()
+    params = set_trainable(model, trainable)
+    optimizer = build_optimizer(cfg.optimizer, params, cfg.lr)
+    torch.manual_seed(seed)
+    data_gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=min(cfg.batch_size, n), shuffle=not cfg.private, generator=data_gen)
+    sigma, rate, wrapped, engine = 0.0, 1.0, model, None
+    if cfg.private:
+        rate = privacy.sample_rate(n, min(cfg.batch_size, n))
+        planned = cfg.local_steps * privacy.planned_participations(cfg.rounds, cfg.clients, cfg.clients_per_round)
+        sigma = privacy.plan_noise_multiplier(cfg.epsilon, cfg.delta, rate, planned)
+        privacy.check_budget(history, sigma, rate, cfg.local_steps, cfg.epsilon, cfg.delta)
+        noise_gen = torch.Generator().manual_seed(seed + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus' notes on secure RNG and on frozen modules
+            engine, wrapped, optimizer, loader = privacy.make_private(
+                model, optimizer, loader, sigma, cfg.clip, history, noise_gen)
+    losses: list[float] = []
+    try:
+        batches = _batches(loader)
+        for _ in range(cfg.local_steps):
+            batch = next(batches)
+            if len(batch[0]) == 0:
+                # An empty Poisson batch still releases a noisy step: account for it.
+                engine.accountant.step(noise_multiplier=sigma, sample_rate=rate)
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss = _forward_loss(wrapped, batch)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        if engine is not None:
+            wrapped._close()  # remove Opacus hooks: the model object is reused by later rounds
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        model.eval()
+    if engine is not None:
+        new_history = list(engine.accountant.history)
+        epsilon = privacy.spent_epsilon(new_history, cfg.delta)
+    else:
+        new_history, epsilon = list(history), math.inf
+    state = adapter_state(model)
+    return ClientResult(
+        update={k: state[k] for k in trainable}, num_examples=n,
+        train_loss=float(np.mean(losses)) if losses else float("nan"), epsilon=epsilon,
+        steps=cfg.local_steps, noise_multiplier=sigma, history=new_history,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: TensorDataset, batch_size: int = 256,
+             precision: str = "float32") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` on ``dataset``.
+
+    ``precision="bfloat16"`` runs the forward pass under bfloat16 autocast (about twice as
+    fast on CPUs with bf16 instructions); logits are compared and scored in float32.
+    """
+    model.eval()
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        return _evaluate(model, dataset, batch_size)
+
+
+def _evaluate(model: torch.nn.Module, dataset: TensorDataset, batch_size: int) -> tuple[float, float]:
+    correct, loss_sum = 0, 0.0
+    # Batches of similar length waste little compute on padding.
+    order = torch.argsort(dataset.tensors[1].sum(dim=1), stable=True)
+    by_length = TensorDataset(*(t[order] for t in dataset.tensors))
+    for input_ids, attention_mask, labels in DataLoader(by_length, batch_size=batch_size):
+        logits = _logits(model, input_ids, attention_mask).float()
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+    n = len(dataset)
+    return correct / n, loss_sum / n

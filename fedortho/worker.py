@@ -1,0 +1,72 @@
+"""Heavy objects kept alive per process: the base model with adapters and the tokenized data.
+
+A simulation worker trains many clients in turn; building the model and tokenizing the
+data once per process, not once per client round, is what keeps rounds fast. Every client
+round overwrites all adapter tensors, so the shared model carries nothing between clients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fedortho import data
+from fedortho.config import RunConfig
+from fedortho.lora import adapter_state, attach_lora, load_adapter_state, trainable_names
+from fedortho.models import load_classifier
+from fedortho.privacy import History
+from fedortho.train import ClientResult, round_seed, train_client
+
+_MODELS: dict[tuple, torch.nn.Module] = {}
+
+
+def set_threads(cfg: RunConfig) -> None:
+    """Honour ``num-threads``; 0 keeps torch's default, which inside a Ray worker follows the
+    CPUs Ray gave it (OMP_NUM_THREADS), so parallel clients do not oversubscribe the cores."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    """A fresh classifier with LoRA adapters, initialized from ``cfg.seed`` (B = 0)."""
+    num_labels = data.splits_for(cfg).num_labels
+    return attach_lora(load_classifier(cfg.model, num_labels, cfg.seed, cfg.pooling), cfg, cfg.seed)
+
+
+def shared_model(cfg: RunConfig) -> torch.nn.Module:
+    key = (cfg.model, cfg.pooling, cfg.dataset, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    if key not in _MODELS:
+        _MODELS.clear()  # one model per process: a new configuration replaces the old one
+        _MODELS[key] = build_model(cfg)
+    return _MODELS[key]
+
+
+def initial_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    return adapter_state(build_model(cfg))
+
+
+@dataclass
+class ClientWork:
+    cfg: RunConfig
+    partition_id: int
+    num_partitions: int
+    server_round: int
+    global_state: dict[str, torch.Tensor]
+    history: History = field(default_factory=list)
+
+
+def run_client_round(work: ClientWork) -> ClientResult:
+    """Load the global adapter into the shared model and train this client's partition."""
+    cfg = work.cfg
+    set_threads(cfg)
+    model = shared_model(cfg)
+    expected = adapter_state(model)
+    missing = sorted(set(expected) - set(work.global_state))
+    if missing:
+        raise ValueError(f"global adapter state lacks {len(missing)} tensors, e.g. '{missing[0]}'")
+    load_adapter_state(model, work.global_state)
+    dataset = data.client_dataset(cfg, work.partition_id, work.num_partitions)
+    names = trainable_names(expected, cfg.strategy, cfg.train_head)
+    seed = round_seed(cfg.seed, work.server_round, work.partition_id)
+    return train_client(model, dataset, cfg, names, work.history, seed)

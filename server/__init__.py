@@ -1,0 +1,1 @@
+"""Flower ServerApp and strategies for fedortho (thin adapters over ``fedortho``)."""

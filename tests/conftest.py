@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A small random BERT classifier saved to a folder: the Hugging Face loading path."""
+    from fedortho.models import save_tiny_bert
+
+    return str(save_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture()
+def tiny_cfg(tiny_model_dir):
+    from fedortho.config import RunConfig
+
+    return RunConfig(model=tiny_model_dir, clients=3, clients_per_round=3, rounds=2, local_steps=2,
+                     batch_size=16, max_train_examples=240, max_test_examples=64, num_threads=2)

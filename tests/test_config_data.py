@@ -1,0 +1,69 @@
+import math
+
+import numpy as np
+import pytest
+
+from fedortho import data
+from fedortho.config import ConfigError, RunConfig
+
+
+def test_config_from_flower_style_mapping():
+    cfg = RunConfig.from_mapping({"clients-per-round": "3", "epsilon": "inf", "train-head": "false", "lr": 1})
+    assert cfg.clients_per_round == 3 and math.isinf(cfg.epsilon) and not cfg.private
+    assert cfg.train_head is False and cfg.lr == 1.0
+    assert RunConfig.from_mapping(cfg.to_dict(hyphenated=True)) == cfg
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"strategi": "ffa"}, "unknown setting 'strategi'"),
+    ({"rounds": "ten"}, "setting 'rounds' expects int"),
+    ({"rounds": 2.5}, "setting 'rounds' expects int"),
+    ({"strategy": "fedprox"}, "strategy must be one of"),
+    ({"clients": 3, "clients-per-round": 5}, "cannot exceed clients"),
+    ({"epsilon": -1}, "epsilon must be > 0"),
+    ({"optimizer": "lion"}, "optimizer must be one of"),
+])
+def test_bad_config_fails_with_one_clear_line(values, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        RunConfig.from_mapping(values)
+    assert "\n" not in str(info.value)
+
+
+def test_stratified_split_keeps_label_shares():
+    labels = np.array([0] * 300 + [1] * 700)
+    train, test = data.stratified_split(labels, 0.2, seed=1)
+    assert len(set(train) & set(test)) == 0 and len(train) + len(test) == 1000
+    assert np.mean(labels[test]) == pytest.approx(0.7, abs=0.005)
+
+
+def test_embedded_dataset_split_is_fixed_and_partitions_cover_train():
+    cfg = RunConfig()
+    s = data.splits_for(cfg)
+    assert len(s.train_texts) + len(s.test_texts) == 12808  # fresh + rotten snippets
+    assert data.majority_rate(s.test_labels) == pytest.approx(0.578, abs=0.002)
+    parts = [data.client_indices(cfg, i, 10) for i in range(10)]
+    allidx = np.concatenate(parts)
+    assert len(allidx) == len(np.unique(allidx)) == len(s.train_texts)
+    skew = [abs(np.mean(s.train_labels[p]) - np.mean(s.train_labels)) for p in parts]
+    iid = cfg.replace(partitioning="iid")
+    iid_skew = [abs(np.mean(s.train_labels[data.client_indices(iid, i, 10)]) - np.mean(s.train_labels))
+                for i in range(10)]
+    assert max(skew) > 0.15 > max(iid_skew)  # Dirichlet 0.5 is label-skewed, IID is not
+    other_seed = [data.client_indices(cfg.replace(seed=1), i, 10) for i in range(10)]
+    assert any(len(a) != len(b) or not np.array_equal(a, b) for a, b in zip(parts, other_seed))
+
+
+def test_hugging_face_dataset_from_local_folder(tmp_path):
+    import datasets
+
+    texts = [f"review number {i} was {'good' if i % 3 else 'bad'}" for i in range(90)]
+    labels = ["pos" if i % 3 else "neg" for i in range(90)]
+    datasets.Dataset.from_dict({"sentence": texts, "sentiment": labels}).save_to_disk(str(tmp_path / "ds"))
+    cfg = RunConfig(dataset=str(tmp_path / "ds"), text_column="sentence", label_column="sentiment")
+    s = data.splits_for(cfg)
+    assert s.num_labels == 2 and len(s.train_texts) + len(s.test_texts) == 90
+    assert sorted(set(s.train_labels.tolist())) == [0, 1]  # "neg" -> 0, "pos" -> 1
+    with pytest.raises(data.DataError, match="no column 'text'"):
+        data.splits_for(RunConfig(dataset=str(tmp_path / "ds")))
+    with pytest.raises(data.DataError, match="cannot load dataset"):
+        data.splits_for(RunConfig(dataset=str(tmp_path / "missing")))

@@ -1,0 +1,164 @@
+import math
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from fedortho import data, privacy
+from fedortho.lora import adapter_state, trainable_names
+from fedortho.train import train_client
+from fedortho.worker import build_model
+
+
+def opacus_epsilon(sigma, q, steps, delta):
+    """Independent reference: Opacus' own accountant, stepped one step at a time."""
+    acc = RDPAccountant()
+    for _ in range(steps):
+        acc.step(noise_multiplier=sigma, sample_rate=q)
+    return acc.get_epsilon(delta=delta)
+
+
+@pytest.mark.parametrize("epsilon,q,steps", [(6.0, 0.03, 30), (3.0, 0.1, 20), (1.0, 0.05, 50)])
+def test_planned_noise_spends_at_most_the_target(epsilon, q, steps):
+    sigma = privacy.plan_noise_multiplier(epsilon, 1e-5, q, steps)
+    spent = opacus_epsilon(sigma, q, steps, 1e-5)
+    assert spent <= epsilon
+    assert spent > epsilon - 0.1  # and not wastefully more noise than needed
+    assert opacus_epsilon(sigma * 0.97, q, steps, 1e-5) > spent  # less noise would spend more
+
+
+def test_plan_is_cached_per_distinct_setting():
+    privacy.plan_noise_multiplier.cache_clear()
+    for _ in range(5):
+        privacy.plan_noise_multiplier(6.0, 1e-5, 0.05, 12)
+    privacy.plan_noise_multiplier(6.0, 1e-5, 0.04, 12)
+    info = privacy.plan_noise_multiplier.cache_info()
+    assert info.misses == 2 and info.hits == 4
+
+
+def test_history_epsilon_and_budget_guard():
+    history = privacy.extend_history([], 1.1, 0.05, 10)
+    history = privacy.extend_history(history, 1.1, 0.05, 10)
+    assert history == [(1.1, 0.05, 20)]
+    assert privacy.spent_epsilon(history, 1e-5) == pytest.approx(opacus_epsilon(1.1, 0.05, 20, 1e-5), rel=1e-12)
+    assert privacy.spent_epsilon([], 1e-5) == 0.0
+    with pytest.raises(privacy.BudgetExhausted, match="exhausted"):
+        privacy.check_budget(history, 1.1, 0.05, 10, epsilon=privacy.spent_epsilon(history, 1e-5) + 1e-3, delta=1e-5)
+
+
+def test_sample_rate_matches_opacus_loader():
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    ds = TensorDataset(torch.zeros(293, 1))
+    loader = DPDataLoader.from_data_loader(DataLoader(ds, batch_size=32))
+    assert privacy.sample_rate(293, 32) == pytest.approx(loader.sample_rate)
+
+
+@pytest.fixture()
+def client_setup(tiny_cfg):
+    cfg = tiny_cfg.replace(rounds=3, clients_per_round=3, epsilon=6.0, local_steps=2)
+    model = build_model(cfg)
+    dataset = data.client_dataset(cfg, 0, cfg.clients)
+    names = trainable_names(adapter_state(model), cfg.strategy, cfg.train_head)
+    return cfg, model, dataset, names
+
+
+def test_cumulative_epsilon_matches_opacus_and_stops_at_the_target(client_setup):
+    cfg, model, dataset, names = client_setup
+    history, reported = [], []
+    for rnd in range(cfg.rounds):
+        result = train_client(model, dataset, cfg, names, history, seed=rnd)
+        history = result.history
+        reported.append(result.epsilon)
+    q = privacy.sample_rate(len(dataset), cfg.batch_size)
+    sigma = result.noise_multiplier
+    for rnd, eps in enumerate(reported, start=1):
+        assert eps == pytest.approx(opacus_epsilon(sigma, q, rnd * cfg.local_steps, cfg.delta), rel=1e-9)
+    assert reported == sorted(reported) and reported[-1] <= cfg.epsilon
+    with pytest.raises(privacy.BudgetExhausted):  # a fourth round would overspend: refused before training
+        before = adapter_state(model)
+        train_client(model, dataset, cfg, names, history, seed=99)
+    assert all(torch.equal(before[k], v) for k, v in adapter_state(model).items())
+
+
+def test_private_round_changes_b_only(client_setup):
+    cfg, model, dataset, names = client_setup
+    base_before = {k: v.clone() for k, v in model.named_parameters() if "lora_" not in k and "classifier" not in k}
+    adapters_before = adapter_state(model)
+    result = train_client(model, dataset, cfg, names, [], seed=1)
+    after = adapter_state(model)
+    for k, v in base_before.items():
+        assert torch.equal(dict(model.named_parameters())[k], v), k
+    for k in after:
+        if "lora_A" in k:
+            assert torch.equal(after[k], adapters_before[k]), k
+        if "lora_B" in k:
+            assert not torch.equal(after[k], adapters_before[k]), k
+    assert set(result.update) == set(names) and all("lora_A" not in k for k in result.update)
+    assert math.isfinite(result.epsilon) and 0 < result.epsilon <= cfg.epsilon
+
+
+def test_noise_depends_on_seed_and_dp_differs_from_non_private(client_setup):
+    cfg, model, dataset, names = client_setup
+    start = adapter_state(model)
+
+    def run(c, seed):
+        model.load_state_dict({}, strict=False)
+        from fedortho.lora import load_adapter_state
+
+        load_adapter_state(model, start)
+        return train_client(model, dataset, c, names, [], seed=seed).update
+
+    a, a_again, b = run(cfg, 1), run(cfg, 1), run(cfg, 2)
+    plain = run(cfg.replace(epsilon=math.inf), 1)
+    key = next(k for k in names if "lora_B" in k)
+    assert torch.equal(a[key], a_again[key])  # same seed, same result
+    assert not torch.allclose(a[key], b[key])
+    assert not torch.allclose(a[key], plain[key])
+
+
+def test_clipping_and_noise_against_a_hand_computed_step(tiny_cfg):
+    """One DP-SGD step on a fixed batch equals: clip each per-sample gradient, sum, add noise."""
+    cfg = tiny_cfg
+    model = build_model(cfg)
+    model.train()
+    dataset = data.client_dataset(cfg, 0, cfg.clients)
+    names = trainable_names(adapter_state(model), "fedsvd", True)
+    from fedortho.lora import set_trainable
+    from fedortho.train import _forward_loss
+
+    params = set_trainable(model, names)
+    batch = [t[:8] for t in dataset.tensors]
+    clip, lr, sigma = 0.05, 1.0, 0.7
+    # Reference: per-sample gradients one example at a time, clipped in float64.
+    per_sample = []
+    for i in range(8):
+        model.zero_grad()
+        _forward_loss(model, [t[i:i + 1] for t in batch]).backward()
+        per_sample.append(torch.cat([p.grad.flatten().double() for p in params]))
+    norms = torch.stack([g.norm() for g in per_sample])
+    assert (norms > clip).all()  # the test is only meaningful if clipping binds
+    clipped_sum = sum(g * min(1.0, clip / g.norm().item()) for g in per_sample)
+    before = torch.cat([p.detach().flatten().double() for p in params])
+
+    from torch.utils.data import DataLoader
+
+    optimizer = torch.optim.SGD(params, lr=lr)
+    loader = DataLoader(dataset, batch_size=16)
+    engine, wrapped, dp_opt, _ = privacy.make_private(model, optimizer, loader, sigma, clip, [],
+                                                      torch.Generator().manual_seed(5))
+    dp_opt.zero_grad()
+    _forward_loss(wrapped, batch).backward()
+    dp_opt.step()
+    wrapped._close()
+    after = torch.cat([p.detach().flatten().double() for p in params])
+    expected_batch = dp_opt.expected_batch_size
+    # Noise replayed from the same generator, in parameter order, as std * N(0, 1).
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.cat([torch.normal(0.0, sigma * clip, size=p.shape, generator=gen).flatten().double()
+                       for p in params])
+    expected = before - lr * (clipped_sum + noise) / expected_batch
+    assert torch.allclose(after, expected, atol=1e-6)
+    # And the noise is really there: without it the step would be far from what happened.
+    assert (after - (before - lr * clipped_sum / expected_batch)).norm() > 0.5 * (lr * noise / expected_batch).norm()

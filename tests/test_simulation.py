@@ -1,0 +1,101 @@
+"""End to end: the CLI's Flower simulation on a tiny BERT and a dataset saved to a folder."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hf_dataset_dir(tmp_path_factory):
+    """A slice of the embedded data saved as a Hugging Face dataset: the hub loading path."""
+    import datasets
+
+    from fedortho import data
+    from fedortho.config import RunConfig
+
+    s = data.splits_for(RunConfig(max_train_examples=240, max_test_examples=80))
+    folder = tmp_path_factory.mktemp("hf-data") / "reviews"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": list(s.train_texts), "label": s.train_labels.tolist()}),
+        "test": datasets.Dataset.from_dict({"text": list(s.test_texts), "label": s.test_labels.tolist()}),
+    }).save_to_disk(str(folder))
+    return str(folder)
+
+
+def simulate(out, model, dataset, *extra):
+    cmd = [sys.executable, "-m", "fedortho.cli", "simulate", "--model", model, "--dataset", dataset,
+           "--clients", "3", "--clients-per-round", "3", "--rounds", "2", "--local-steps", "2",
+           "--batch-size", "16", "--epsilon", "6", "--eval-precision", "float32", "--seed", "3",
+           "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_model_dir, hf_dataset_dir):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    proc = simulate(out, tiny_model_dir, hf_dataset_dir)
+    return out, proc
+
+
+def test_cli_simulation_writes_a_complete_run_folder(first_run):
+    out, proc = first_run
+    for name in ("config.json", "metrics.jsonl", "summary.json", "accuracy_epsilon.png",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        assert (out / name).is_file(), name
+    metrics = rows(out)
+    assert [r["round"] for r in metrics] == [0, 1, 2]
+    for r in metrics[1:]:
+        assert r["clients-replied"] == 3 and 0 < r["epsilon"] <= 6.0 and r["round-seconds"] > 0
+        assert math.isfinite(r["train-loss"])
+    assert metrics[2]["epsilon"] > metrics[1]["epsilon"]  # cumulative
+    assert proc.stdout.count("round ") >= 3  # one progress line per round
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["strategy"] == "fedsvd" and config["seed"] == 3
+    assert "opacus" in config["packages"] and config["git-commit"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final-accuracy"] == metrics[-1]["test-accuracy"]
+
+
+def test_saved_adapter_reproduces_the_evaluated_accuracy(first_run, tiny_model_dir, hf_dataset_dir):
+    from peft import PeftModel
+
+    from fedortho import data
+    from fedortho.config import RunConfig
+    from fedortho.models import load_classifier
+    from fedortho.train import evaluate
+
+    out, _ = first_run
+    cfg = RunConfig(model=tiny_model_dir, dataset=hf_dataset_dir)
+    base = load_classifier(tiny_model_dir, 2, seed=12345, pooling="mean")  # another head init: overwritten
+    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    accuracy, loss = evaluate(model, data.test_tensors(cfg))
+    final = rows(out)[-1]
+    assert accuracy == final["test-accuracy"]
+    assert loss == pytest.approx(final["test-loss"], rel=1e-5)
+
+
+def test_same_seed_same_result(first_run, tmp_path, tiny_model_dir, hf_dataset_dir):
+    out, _ = first_run
+    again = tmp_path / "b"
+    simulate(again, tiny_model_dir, hf_dataset_dir)
+    keys = ("test-accuracy", "test-loss", "train-loss", "epsilon")
+    assert [[r.get(k) for k in keys] for r in rows(again)] == [[r.get(k) for k in keys] for r in rows(out)]
+
+
+def test_bad_option_is_one_clear_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedortho.cli", "simulate", "--strategy", "fedprox",
+                           "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "fedortho: error: strategy must be one of fedsvd, ffa, fedavg, got 'fedprox'"
+    assert not (tmp_path / "x").exists()
