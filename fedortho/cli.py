@@ -10,6 +10,8 @@ import sys
 from dataclasses import MISSING, fields
 
 from fedortho.config import ConfigError, RunConfig
+from fedortho.data import DataError
+from fedortho.models import ModelLoadError
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +27,19 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
     return RunConfig.from_mapping(given)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Fail fast, before Ray starts, on a run folder in use or a model/dataset that won't load."""
+    from pathlib import Path
+
+    from fedortho import data
+    from fedortho.models import load_tokenizer
+
+    if cfg.out and (Path(cfg.out) / "metrics.jsonl").exists():
+        raise ConfigError(f"run folder {cfg.out} already holds a run; choose another --out")
+    load_tokenizer(cfg.model)
+    data.splits_for(cfg)  # cached: the server reuses it
 
 
 def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbose: bool) -> None:
@@ -88,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{key} = {_toml(value)}")
             return 0
         cfg = _config_from_args(args)
+        preflight(cfg)
         simulate(cfg, args.client_cpus, args.ray_address, args.verbose)
         return 0
-    except ConfigError as exc:
+    except (ConfigError, DataError, ModelLoadError) as exc:
         print(f"fedortho: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -27,8 +27,8 @@ def refactorize(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
     ``a_new`` holds the right singular vectors of ``b @ a`` (singular values in descending
     order, folded into ``b_new``); its rows lie in the row space of ``a``. Signs are fixed so
     that the largest-magnitude entry of each row of ``a_new`` is positive, which makes the
-    result deterministic. Works for rank-deficient and zero ``b``. Computed in float64 and
-    returned in the input dtype.
+    result deterministic. Works for rank-deficient and zero ``b``. Computed in the input's
+    precision (float32 at least) and returned in the input dtype.
     """
     if b.shape[-1] != a.shape[-2]:
         raise ValueError(f"refactorize: b {tuple(b.shape)} and a {tuple(a.shape)} do not share the rank dimension")
@@ -36,9 +36,12 @@ def refactorize(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
     if r > n_in:
         raise ValueError(f"refactorize: rank {r} exceeds the input dimension {n_in}; a cannot have orthonormal rows")
     dtype = b.dtype
-    b64, a64 = b.to(torch.float64), a.to(torch.float64)
-    qb, rb = torch.linalg.qr(b64)                     # (out, p), (p, r), p = min(out, r)
-    qa, ra = torch.linalg.qr(a64.transpose(-1, -2))  # (in, r), (r, r)
+    # float32 and float64 inputs are factorized in their own precision (the orthogonal QR and
+    # SVD steps lose only a few ulps); half precisions are lifted to float32.
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    b, a = b.to(work), a.to(work)
+    qb, rb = torch.linalg.qr(b)                     # (out, p), (p, r), p = min(out, r)
+    qa, ra = torch.linalg.qr(a.transpose(-1, -2))  # (in, r), (r, r)
     u, s, vh = torch.linalg.svd(rb @ ra.transpose(-1, -2), full_matrices=True)  # core (p, r) = u diag(s) vh
     a_new = vh @ qa.transpose(-1, -2)                # (r, in), orthonormal rows
     # Sign convention: flipping a row of a_new and the matching column of b_new leaves the

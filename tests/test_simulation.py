@@ -99,3 +99,16 @@ def test_bad_option_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "fedortho: error: strategy must be one of fedsvd, ffa, fedavg, got 'fedprox'"
     assert not (tmp_path / "x").exists()
+
+
+def test_missing_dataset_and_used_run_folder_fail_before_ray_starts(tmp_path, first_run):
+    proc = subprocess.run([sys.executable, "-m", "fedortho.cli", "simulate", "--dataset", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "y")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("fedortho: error: cannot load dataset")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    out, _ = first_run
+    before = (out / "metrics.jsonl").read_text()
+    proc = subprocess.run([sys.executable, "-m", "fedortho.cli", "simulate", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert (out / "metrics.jsonl").read_text() == before  # nothing already computed is lost

@@ -1,0 +1,107 @@
+"""LoRAStrategy and the ClientApp together, in process, over a minimal in-memory grid."""
+
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import app as client_app
+from fedortho.lora import adapter_state
+from fedortho.worker import build_model
+from server.strategy import LoRAStrategy
+
+
+class LocalGrid:
+    """Delivers each message to the ClientApp of its node; records what travelled."""
+
+    def __init__(self, num_nodes, corrupt_node=None):
+        # Messages are stamped with the identity of the running task, as in a real ServerApp.
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+        self.contexts = {
+            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
+                             state=RecordDict(), run_config={})
+            for i in range(num_nodes)
+        }
+        self.corrupt_node = corrupt_node
+        self.sent, self.received = [], []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            reply = client_app(msg, self.contexts[node])
+            if msg.metadata.message_type == "train":
+                self.sent.append((node, sorted(msg.content["arrays"].keys())))
+                if node == self.corrupt_node:
+                    arrays = reply.content["arrays"]
+                    key = next(k for k in arrays.keys() if "lora_B" in k)
+                    bad = arrays.to_torch_state_dict()
+                    bad[key] = torch.full_like(bad[key], float("nan"))
+                    reply.content["arrays"] = ArrayRecord(bad)
+                self.received.append((node, sorted(reply.content["arrays"].keys())
+                                       if "arrays" in reply.content else []))
+            replies.append(reply)
+        return replies
+
+
+def start(cfg, grid):
+    strategy = LoRAStrategy(cfg)
+    initial = ArrayRecord(adapter_state(build_model(cfg)))
+    history = []
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.rounds,
+                            evaluate_fn=lambda rnd, arrays: history.append(dict(strategy.last_round)) or None)
+    return strategy, result, history[1:]
+
+
+def a_sent_per_round(grid, clients_per_round):
+    flags = [any("lora_A" in k for k in keys) for _, keys in grid.sent]
+    return [sum(flags[i:i + clients_per_round]) for i in range(0, len(flags), clients_per_round)]
+
+
+@pytest.mark.parametrize("strategy,svd_period,expected", [
+    ("ffa", 1, [3, 0, 0]),      # A never changes: sent once
+    ("fedsvd", 1, [3, 3, 3]),   # refactorized every round
+    ("fedsvd", 2, [3, 0, 3]),   # refactorized after round 2 only
+    ("fedavg", 1, [3, 3, 3]),   # averaged every round
+])
+def test_a_travels_only_when_it_changed(tiny_cfg, strategy, svd_period, expected):
+    cfg = tiny_cfg.replace(strategy=strategy, svd_period=svd_period, rounds=3, epsilon=math.inf)
+    grid = LocalGrid(3)
+    start(cfg, grid)
+    assert a_sent_per_round(grid, 3) == expected
+    sends_a = [any("lora_A" in k for k in keys) for _, keys in grid.received]
+    assert all(sends_a) if strategy == "fedavg" else not any(sends_a)
+
+
+def test_bad_update_is_rejected_and_the_round_goes_on(tiny_cfg, caplog):
+    cfg = tiny_cfg.replace(rounds=2, epsilon=6.0)
+    grid = LocalGrid(3, corrupt_node=101)
+    strategy, result, rounds = start(cfg, grid)
+    assert [r["clients-replied"] for r in rounds] == [2, 2]
+    assert [r["clients-failed"] for r in rounds] == [1, 1]
+    final = result.arrays.to_torch_state_dict()
+    assert all(torch.isfinite(v).all() for v in final.values())
+    # Accountant state persisted in each client's context: epsilon grows across rounds.
+    eps = [r["epsilon-max"] for r in rounds]
+    assert 0 < eps[0] < eps[1] <= cfg.epsilon
+
+
+def test_exhausted_clients_sit_out(tiny_cfg):
+    # Clients plan their noise for the rounds in the config they receive (1 round); the server
+    # then runs 3 rounds, so from round 2 on every client must refuse instead of overspending.
+    cfg = tiny_cfg.replace(rounds=1, clients_per_round=3, epsilon=6.0)
+    grid = LocalGrid(3)
+    strategy = LoRAStrategy(cfg)
+    initial = ArrayRecord(adapter_state(build_model(cfg)))
+    rounds = []
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=3,
+                   evaluate_fn=lambda rnd, arrays: rounds.append(dict(strategy.last_round)) or None)
+    rounds = rounds[1:]
+    assert [r["clients-replied"] for r in rounds] == [3, 0, 0]
+    assert [r["clients-exhausted"] for r in rounds] == [0, 3, 3]
+    assert 0 < max(r["epsilon-max"] for r in rounds) <= cfg.epsilon
