@@ -23,7 +23,7 @@ def refactorize(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
     Shapes: ``b: (..., out, r)``, ``a: (..., r, in)`` with ``r <= in``; leading dims batch
     several adapters of one shape into one call. Cost O((out + in) r^2 + r^3) per adapter:
-    QR of ``b`` and of ``a^T``, then an SVD of the small ``(min(out, r), r)`` core.
+    a QR of ``a^T`` (``a = ra^T qa^T``), then a thin SVD of the ``(out, r)`` factor ``b ra^T``.
     ``a_new`` holds the right singular vectors of ``b @ a`` (singular values in descending
     order, folded into ``b_new``); its rows lie in the row space of ``a``. Signs are fixed so
     that the largest-magnitude entry of each row of ``a_new`` is positive, which makes the
@@ -40,21 +40,20 @@ def refactorize(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
     # SVD steps lose only a few ulps); half precisions are lifted to float32.
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     b, a = b.to(work), a.to(work)
-    qb, rb = torch.linalg.qr(b)                     # (out, p), (p, r), p = min(out, r)
-    qa, ra = torch.linalg.qr(a.transpose(-1, -2))  # (in, r), (r, r)
-    u, s, vh = torch.linalg.svd(rb @ ra.transpose(-1, -2), full_matrices=True)  # core (p, r) = u diag(s) vh
-    a_new = vh @ qa.transpose(-1, -2)                # (r, in), orthonormal rows
+    qa, ra = torch.linalg.qr(a.transpose(-1, -2))  # (in, r), (r, r): a = ra^T qa^T
+    m = b @ ra.transpose(-1, -2)                   # (out, r): b a = m qa^T, same singular values
+    # Thin SVD of the tall (out, r) factor; when out < r, vh must still be a full (r, r) rotation.
+    u, s, vh = torch.linalg.svd(m, full_matrices=m.shape[-2] < r)
+    a_new = vh @ qa.transpose(-1, -2)              # (r, in), orthonormal rows
     # Sign convention: flipping a row of a_new and the matching column of b_new leaves the
-    # product unchanged; make each row's largest-magnitude entry positive. The flips are
-    # folded into the small (p, r) factor so that b_new costs one (out, p) x (p, r) product.
-    # (r, 1); never 0: each row of a_new is a unit vector
+    # product unchanged; make each row's largest-magnitude entry positive. sign: (r, 1), never
+    # 0 since each row of a_new is a unit vector.
     sign = torch.gather(a_new, -1, a_new.abs().argmax(dim=-1, keepdim=True)).sign()
     a_new = a_new * sign
-    p = s.shape[-1]
-    small = u * s.unsqueeze(-2)                       # (p, p)
-    if p < r:  # out < r: b_new's trailing r - p columns are zero
-        small = torch.cat([small, small.new_zeros(*small.shape[:-1], r - p)], dim=-1)
-    b_new = qb @ (small * sign.transpose(-1, -2))
+    b_new = u[..., :, : s.shape[-1]] * s.unsqueeze(-2)
+    if b_new.shape[-1] < r:  # out < r: b_new's trailing r - out columns are zero
+        b_new = torch.cat([b_new, b_new.new_zeros(*b_new.shape[:-1], r - b_new.shape[-1])], dim=-1)
+    b_new = b_new * sign.transpose(-1, -2)
     return b_new.to(dtype), a_new.to(dtype)
 
 
