@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedortho.config import RunConfig
-from fedortho.privacy import BudgetExhausted, spent_epsilon
+from fedortho.privacy import BudgetExhausted, remember_plan, spent_epsilon
 from fedortho.worker import ClientWork, run_client_round
 
 app = ClientApp()
@@ -60,6 +60,8 @@ def train(msg: Message, context: Context) -> Message:
     if STATE_PRIVACY in context.state:
         p = context.state[STATE_PRIVACY]
         history = list(zip(p["noise-multipliers"], p["sample-rates"], p["steps"]))
+        # The plan travels with the client: whichever worker trains it next does not redo it.
+        remember_plan(cfg.epsilon, cfg.delta, p["plan-sample-rate"], p["plan-steps"], p["plan-noise-multiplier"])
 
     work = ClientWork(cfg=cfg, partition_id=partition_id, num_partitions=num_partitions,
                       server_round=server_round, global_state={**received, **held_a}, history=history)
@@ -75,9 +77,11 @@ def train(msg: Message, context: Context) -> Message:
 
     if result.history:
         sigmas, rates, steps = zip(*result.history)
-        context.state[STATE_PRIVACY] = ConfigRecord({"noise-multipliers": [float(s) for s in sigmas],
-                                                     "sample-rates": [float(q) for q in rates],
-                                                     "steps": [int(n) for n in steps]})
+        context.state[STATE_PRIVACY] = ConfigRecord({
+            "noise-multipliers": [float(s) for s in sigmas], "sample-rates": [float(q) for q in rates],
+            "steps": [int(n) for n in steps], "plan-sample-rate": result.sample_rate,
+            "plan-steps": result.planned_steps, "plan-noise-multiplier": result.noise_multiplier,
+        })
     metrics = MetricRecord({
         "num-examples": result.num_examples, "train-loss": result.train_loss, "epsilon": result.epsilon,
         "noise-multiplier": result.noise_multiplier, "steps": result.steps, A_VERSION_KEY: a_version,

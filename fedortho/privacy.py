@@ -9,7 +9,6 @@ past the target is refused before any step is taken.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from typing import Sequence
@@ -39,13 +38,27 @@ def planned_participations(rounds: int, clients: int, clients_per_round: int) ->
     return max(1, math.ceil(rounds * clients_per_round / clients))
 
 
-@functools.lru_cache(maxsize=256)
+_PLANS: dict[tuple[float, float, float, int], float] = {}
+
+
 def plan_noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Smallest noise multiplier (to Opacus' tolerance) with epsilon(steps) <= target.
 
-    Cached per distinct (epsilon, delta, sample rate, steps): planning runs a binary search
-    over the accountant and is the slow part of setting up a private client.
+    Planned once per distinct (epsilon, delta, sample rate, steps) in a process: planning
+    runs a binary search over the accountant and is the slow part of setting up a private
+    client. ``remember_plan`` lets a client carry its plan to whichever process trains it next.
     """
+    key = (float(epsilon), float(delta), float(sample_rate), int(steps))
+    if key not in _PLANS:
+        _PLANS[key] = _search_noise_multiplier(*key)
+    return _PLANS[key]
+
+
+def remember_plan(epsilon: float, delta: float, sample_rate: float, steps: int, noise_multiplier: float) -> None:
+    _PLANS[(float(epsilon), float(delta), float(sample_rate), int(steps))] = float(noise_multiplier)
+
+
+def _search_noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
     return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,

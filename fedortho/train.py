@@ -32,6 +32,8 @@ class ClientResult:
     steps: int
     noise_multiplier: float
     history: privacy.History = field(default_factory=list)
+    sample_rate: float = 1.0
+    planned_steps: int = 0  # the steps the noise multiplier was planned for
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -77,7 +79,7 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
     torch.manual_seed(seed)
     data_gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=min(cfg.batch_size, n), shuffle=not cfg.private, generator=data_gen)
-    sigma, rate, wrapped, engine = 0.0, 1.0, model, None
+    sigma, rate, planned, wrapped, engine = 0.0, 1.0, 0, model, None
     if cfg.private:
         rate = privacy.sample_rate(n, min(cfg.batch_size, n))
         planned = cfg.local_steps * privacy.planned_participations(cfg.rounds, cfg.clients, cfg.clients_per_round)
@@ -118,7 +120,7 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
     return ClientResult(
         update={k: state[k] for k in trainable}, num_examples=n,
         train_loss=float(np.mean(losses)) if losses else float("nan"), epsilon=epsilon,
-        steps=cfg.local_steps, noise_multiplier=sigma, history=new_history,
+        steps=cfg.local_steps, noise_multiplier=sigma, history=new_history, sample_rate=rate, planned_steps=planned,
     )
 
 

@@ -27,13 +27,17 @@ def test_planned_noise_spends_at_most_the_target(epsilon, q, steps):
     assert opacus_epsilon(sigma * 0.97, q, steps, 1e-5) > spent  # less noise would spend more
 
 
-def test_plan_is_cached_per_distinct_setting():
-    privacy.plan_noise_multiplier.cache_clear()
-    for _ in range(5):
-        privacy.plan_noise_multiplier(6.0, 1e-5, 0.05, 12)
+def test_plan_is_made_once_per_distinct_setting(monkeypatch):
+    calls = []
+    search = privacy._search_noise_multiplier
+    monkeypatch.setattr(privacy, "_PLANS", {})
+    monkeypatch.setattr(privacy, "_search_noise_multiplier", lambda *key: calls.append(key) or search(*key))
+    first = [privacy.plan_noise_multiplier(6.0, 1e-5, 0.05, 12) for _ in range(5)]
     privacy.plan_noise_multiplier(6.0, 1e-5, 0.04, 12)
-    info = privacy.plan_noise_multiplier.cache_info()
-    assert info.misses == 2 and info.hits == 4
+    assert len(calls) == 2 and len(set(first)) == 1
+    # A plan remembered from a client's state is reused, not searched again.
+    privacy.remember_plan(3.0, 1e-5, 0.1, 20, 1.234)
+    assert privacy.plan_noise_multiplier(3.0, 1e-5, 0.1, 20) == 1.234 and len(calls) == 2
 
 
 def test_history_epsilon_and_budget_guard():
