@@ -1,24 +1,33 @@
 """ClientApp: restore the client's state from ``context.state``, train, reply.
 
 The base model and the tokenized data stay alive in the worker process across clients and
-rounds (``fedortho.worker``); per-client state is small: the A matrices the client holds
-and the privacy accountant's history.
+rounds (``fedortho.worker``); per-client state is small: the held tensors (A, a frozen head),
+the privacy accountant's history and the noise plan.
+
+Node config (``--node-config`` of a SuperNode; set automatically in simulation):
+``partition-id`` and ``num-partitions`` (required); optionally ``epsilon``, ``delta``, ``clip``
+to pin this client's privacy settings (it refuses a server asking for others), and
+``secure-noise=true`` to draw sampling and noise from OS randomness instead of the run seed
+(so that no one who knows the seed can replay the noise; runs are then not reproducible).
 """
 
 from __future__ import annotations
 
+import secrets
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedortho import protocol
 from fedortho.config import RunConfig
 from fedortho.privacy import BudgetExhausted, remember_plan, spent_epsilon
-from fedortho.worker import ClientWork, run_client_round
+from fedortho.worker import ClientWork, adapter_names, run_client_round
 
 app = ClientApp()
 
-STATE_A = "lora-a"
+STATE_HELD = "held-tensors"
+STATE_HELD_META = "held-meta"
 STATE_PRIVACY = "privacy"
-A_VERSION_KEY = "a-version"
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -29,51 +38,79 @@ def _partition(context: Context) -> tuple[int, int]:
                            "(e.g. --node-config \"partition-id=0 num-partitions=10\")") from exc
 
 
-def _config(msg: Message) -> RunConfig:
-    values = {k: v for k, v in msg.content["config"].items() if k not in ("server-round", A_VERSION_KEY)}
-    return RunConfig.from_mapping(values)
+def _config(msg: Message, context: Context) -> RunConfig:
+    values = {k: v for k, v in msg.content[protocol.CONFIG].items() if k not in protocol.PER_ROUND_KEYS}
+    cfg = RunConfig.from_mapping(values)
+    for key in protocol.PRIVACY_KEYS:
+        if key in context.node_config and float(context.node_config[key]) != float(getattr(cfg, key)):
+            raise RuntimeError(f"the server asks for {key}={getattr(cfg, key)} but this client is pinned to "
+                               f"{key}={context.node_config[key]}; refusing to train")
+    if STATE_PRIVACY in context.state:  # the budget may not change once spending has begun
+        p = context.state[STATE_PRIVACY]
+        for key in protocol.PRIVACY_KEYS:
+            if float(p[f"run-{key}"]) != float(getattr(cfg, key)):
+                raise RuntimeError(f"{key} changed from {p[f'run-{key}']} to {getattr(cfg, key)} during the run; "
+                                   "refusing to train")
+    return cfg
+
+
+def _held_tensors(received: dict, cfg: RunConfig, context: Context, version: int) -> dict:
+    """The held tensors: from the message when they changed, else from this client's state."""
+    held = protocol.held_names(adapter_names(cfg), cfg.strategy, cfg.train_head)
+    if not held:  # fedavg with a trained head: everything travels every round
+        return {}
+    if any(k in received for k in held):
+        missing = [k for k in held if k not in received]
+        if missing:
+            raise RuntimeError(f"the server sent only part of the held tensors (missing '{missing[0]}')")
+        tensors = {k: received[k] for k in held}
+        context.state[STATE_HELD] = ArrayRecord(tensors)
+        context.state[STATE_HELD_META] = ConfigRecord({"version": version})
+        return tensors
+    if STATE_HELD in context.state and int(context.state[STATE_HELD_META]["version"]) == version:
+        return context.state[STATE_HELD].to_torch_state_dict()
+    raise RuntimeError("the server sent no held tensors (A) and this client holds no current copy")
 
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = _partition(context)
-    return Message(RecordDict({"info": MetricRecord({"partition-id": partition_id,
-                                                     "num-partitions": num_partitions})}), reply_to=msg)
+    info = MetricRecord({"partition-id": partition_id, "num-partitions": num_partitions})
+    return Message(RecordDict({protocol.INFO: info}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = _config(msg)
+    cfg = _config(msg, context)
     partition_id, num_partitions = _partition(context)
-    server_round = int(msg.content["config"]["server-round"])
-    a_version = int(msg.content["config"][A_VERSION_KEY])
-    received = msg.content["arrays"].to_torch_state_dict()
+    round_config = msg.content[protocol.CONFIG]
+    version = int(round_config[protocol.HELD_VERSION])
+    received = msg.content[protocol.ARRAYS].to_torch_state_dict()
+    held = _held_tensors(received, cfg, context, version)
 
-    # A arrives only when it changed since this client last held it.
-    if any("lora_A" in k for k in received):
-        held_a = {k: v for k, v in received.items() if "lora_A" in k}
-    elif STATE_A in context.state and int(context.state["a-meta"]["version"]) == a_version:
-        held_a = context.state[STATE_A].to_torch_state_dict()
-    else:
-        raise RuntimeError("the server sent no A and this client holds no current A")
     history = []
     if STATE_PRIVACY in context.state:
         p = context.state[STATE_PRIVACY]
         history = list(zip(p["noise-multipliers"], p["sample-rates"], p["steps"]))
         # The plan travels with the client: whichever worker trains it next does not redo it.
         remember_plan(cfg.epsilon, cfg.delta, p["plan-sample-rate"], p["plan-steps"], p["plan-noise-multiplier"])
+    spent = spent_epsilon(history, cfg.delta)
+    seen = float(round_config.get(protocol.EPSILON_SEEN, 0.0))
+    if cfg.private and seen > spent + 1e-9:
+        raise RuntimeError(f"this client's privacy history is missing (the server saw it spend epsilon {seen:.3f}, "
+                           f"its state shows {spent:.3f}); refusing to train")
 
+    secure = str(context.node_config.get("secure-noise", "false")).lower() in ("1", "true", "yes")
     work = ClientWork(cfg=cfg, partition_id=partition_id, num_partitions=num_partitions,
-                      server_round=server_round, global_state={**received, **held_a}, history=history)
-    context.state[STATE_A] = ArrayRecord(held_a)
-    context.state["a-meta"] = ConfigRecord({"version": a_version})
+                      server_round=int(round_config[protocol.SERVER_ROUND]), global_state={**received, **held},
+                      history=history, seed=secrets.randbits(62) if secure else None)
     try:
         result = run_client_round(work)
     except BudgetExhausted:
         # Not an error: the client has spent what it may and sits the remaining rounds out.
-        metrics = MetricRecord({"num-examples": 0, "budget-exhausted": 1,
-                                "epsilon": spent_epsilon(history, cfg.delta), A_VERSION_KEY: a_version})
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        metrics = MetricRecord({"num-examples": 0, "budget-exhausted": 1, "epsilon": spent,
+                                protocol.HELD_VERSION: version})
+        return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
 
     if result.history:
         sigmas, rates, steps = zip(*result.history)
@@ -81,9 +118,11 @@ def train(msg: Message, context: Context) -> Message:
             "noise-multipliers": [float(s) for s in sigmas], "sample-rates": [float(q) for q in rates],
             "steps": [int(n) for n in steps], "plan-sample-rate": result.sample_rate,
             "plan-steps": result.planned_steps, "plan-noise-multiplier": result.noise_multiplier,
+            **{f"run-{key}": float(getattr(cfg, key)) for key in protocol.PRIVACY_KEYS},
         })
     metrics = MetricRecord({
         "num-examples": result.num_examples, "train-loss": result.train_loss, "epsilon": result.epsilon,
-        "noise-multiplier": result.noise_multiplier, "steps": result.steps, A_VERSION_KEY: a_version,
+        "noise-multiplier": result.noise_multiplier, "steps": result.steps, protocol.HELD_VERSION: version,
     })
-    return Message(RecordDict({"arrays": ArrayRecord(result.update), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({protocol.ARRAYS: ArrayRecord(result.update), protocol.METRICS: metrics}),
+                   reply_to=msg)

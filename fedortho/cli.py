@@ -34,10 +34,11 @@ def preflight(cfg: RunConfig) -> None:
     from pathlib import Path
 
     from fedortho import data
-    from fedortho.models import load_tokenizer
+    from fedortho.models import check_model, load_tokenizer
 
     if cfg.out and (Path(cfg.out) / "metrics.jsonl").exists():
         raise ConfigError(f"run folder {cfg.out} already holds a run; choose another --out")
+    check_model(cfg.model, cfg.pooling)
     load_tokenizer(cfg.model)
     data.splits_for(cfg)  # cached: the server reuses it
 
@@ -109,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelLoadError) as exc:
         print(f"fedortho: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fedortho: interrupted; finished rounds are in the run folder", file=sys.stderr)
-        return 130
+    except RuntimeError as exc:  # run_simulation wraps what the ServerApp raised
+        cause = exc.__cause__ or exc
+        print(f"fedortho: error: the simulation stopped: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return 1
 
 
 def _toml(value) -> str:

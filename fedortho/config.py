@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from fedortho.optim import OPTIMIZERS
+
 STRATEGIES = ("fedsvd", "ffa", "fedavg")
 PARTITIONINGS = ("dirichlet", "iid")
 EMBEDDED_MODEL = "all-minilm-l6-v2"
@@ -116,8 +118,8 @@ class RunConfig:
         need(self.dirichlet_alpha > 0, f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
         need(self.max_train_examples >= 0 and self.max_test_examples >= 0, "max-train/test-examples must be >= 0")
         need(len(self.targets) > 0, "lora-targets names no module")
-        from fedortho.optim import OPTIMIZERS  # local import: optim imports config-free code only
-
+        need(self.lora_alpha > 0 and math.isfinite(self.lora_alpha), f"lora-alpha must be > 0, got {self.lora_alpha}")
+        need(self.num_threads >= 0, f"num-threads must be >= 0, got {self.num_threads}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
 
 

@@ -190,9 +190,5 @@ def majority_rate(labels: np.ndarray) -> float:
     return float(np.bincount(labels).max() / max(1, len(labels)))
 
 
-def label_counts(labels: np.ndarray, num_labels: int) -> list[int]:
-    return np.bincount(labels, minlength=num_labels).tolist()
-
-
 __all__ = ["DataError", "TextSplits", "splits_for", "client_dataset", "train_tensors", "test_tensors",
            "stratified_split", "partition_indices", "client_indices", "majority_rate"]

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from fedortho.config import RunConfig
+from fedortho.config import ConfigError, RunConfig
 
 Tensors = dict[str, torch.Tensor]
 
@@ -32,8 +32,12 @@ def attach_lora(base: torch.nn.Module, cfg: RunConfig, seed: int) -> torch.nn.Mo
             warnings.simplefilter("ignore", FutureWarning)  # a transformers deprecation PEFT triggers
             model = get_peft_model(base, config)
     except ValueError as exc:
-        raise ValueError(f"lora-targets '{cfg.lora_targets}': {exc}") from exc
-    model.eval()  # dropout off: DP accounting and reproducibility do not need it
+        raise ConfigError(f"lora-targets '{cfg.lora_targets}': {exc}") from exc
+    state = adapter_state(model)
+    for name, a in state.items():  # FedSVD needs r orthonormal rows: r <= min(in, out)
+        if "lora_A" in name and cfg.lora_r > min(a.shape[1], state[name.replace("lora_A", "lora_B")].shape[0]):
+            raise ConfigError(f"lora-r {cfg.lora_r} exceeds the dimensions of '{name.rsplit('.lora_A', 1)[0]}'")
+    model.eval()  # training switches to train mode (the base model's dropout) and back
     return model
 
 

@@ -64,6 +64,19 @@ def mean_pooled_bert_class():
     return MeanPooledBertForSequenceClassification
 
 
+def check_model(name: str, pooling: str) -> str:
+    """Load the model's config (cheap) and check that ``pooling`` fits it; returns its type."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(resolve_model_path(name)).model_type
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model config of '{name}': {_first_line(exc)}") from exc
+    if pooling == "mean" and model_type != "bert":
+        raise ModelLoadError(f"pooling=mean supports BERT models; '{name}' is {model_type} (use --pooling model)")
+    return model_type
+
+
 def load_classifier(name: str, num_labels: int, seed: int, pooling: str = "model") -> torch.nn.Module:
     """Sequence classifier (pooled output + linear head) with a head initialized from ``seed``.
 
@@ -71,19 +84,12 @@ def load_classifier(name: str, num_labels: int, seed: int, pooling: str = "model
     ``pooling="mean"`` (BERT models) feeds the head the masked mean of the last hidden states.
     A local folder or a cached Hugging Face id loads offline; otherwise the hub is asked.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(name)
-    model_class = AutoModelForSequenceClassification
-    if pooling == "mean":
-        try:
-            model_type = AutoConfig.from_pretrained(path).model_type
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load model config of '{name}': {_first_line(exc)}") from exc
-        if model_type != "bert":
-            raise ModelLoadError(f"pooling=mean supports BERT models; '{name}' is {model_type} (use pooling=model)")
-        model_class = mean_pooled_bert_class()
+    check_model(name, pooling)
+    model_class = mean_pooled_bert_class() if pooling == "mean" else AutoModelForSequenceClassification
     torch.manual_seed(seed)  # the new classification head is drawn from the torch RNG
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized head" is expected, not news

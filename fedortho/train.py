@@ -76,8 +76,11 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
     model.train()
     params = set_trainable(model, trainable)
     optimizer = build_optimizer(cfg.optimizer, params, cfg.lr)
-    torch.manual_seed(seed)
-    data_gen = torch.Generator().manual_seed(seed)
+    # Independent streams for dropout, batch sampling and noise.
+    streams = np.random.SeedSequence(seed).spawn(3)
+    dropout_seed, sampling_seed, noise_seed = (int(child.generate_state(1)[0]) for child in streams)
+    torch.manual_seed(dropout_seed)
+    data_gen = torch.Generator().manual_seed(sampling_seed)
     loader = DataLoader(dataset, batch_size=min(cfg.batch_size, n), shuffle=not cfg.private, generator=data_gen)
     sigma, rate, planned, wrapped, engine = 0.0, 1.0, 0, model, None
     if cfg.private:
@@ -85,7 +88,7 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
         planned = cfg.local_steps * privacy.planned_participations(cfg.rounds, cfg.clients, cfg.clients_per_round)
         sigma = privacy.plan_noise_multiplier(cfg.epsilon, cfg.delta, rate, planned)
         privacy.check_budget(history, sigma, rate, cfg.local_steps, cfg.epsilon, cfg.delta)
-        noise_gen = torch.Generator().manual_seed(seed + 1)
+        noise_gen = torch.Generator().manual_seed(noise_seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus' notes on secure RNG and on frozen modules
             engine, wrapped, optimizer, loader = privacy.make_private(

@@ -42,8 +42,9 @@ def shared_model(cfg: RunConfig) -> torch.nn.Module:
     return _MODELS[key]
 
 
-def initial_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    return adapter_state(build_model(cfg))
+def adapter_names(cfg: RunConfig) -> list[str]:
+    """Names of all adapter tensors (A, B, head) of the model ``cfg`` describes."""
+    return sorted(adapter_state(shared_model(cfg)))
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ClientWork:
     server_round: int
     global_state: dict[str, torch.Tensor]
     history: History = field(default_factory=list)
+    seed: int | None = None  # None: derived from the run seed, the round and the partition
 
 
 def run_client_round(work: ClientWork) -> ClientResult:
@@ -68,5 +70,5 @@ def run_client_round(work: ClientWork) -> ClientResult:
     load_adapter_state(model, work.global_state)
     dataset = data.client_dataset(cfg, work.partition_id, work.num_partitions)
     names = trainable_names(expected, cfg.strategy, cfg.train_head)
-    seed = round_seed(cfg.seed, work.server_round, work.partition_id)
+    seed = work.seed if work.seed is not None else round_seed(cfg.seed, work.server_round, work.partition_id)
     return train_client(model, dataset, cfg, names, work.history, seed)

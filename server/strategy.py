@@ -1,11 +1,7 @@
 """LoRAStrategy: FedSVD, FFA-LoRA and FedAvg-LoRA on Flower's Message API.
 
 The arithmetic lives in ``fedortho.fedsvd.aggregate``; this class samples clients, decides
-what travels, validates replies and keeps per-node bookkeeping.
-
-What travels: the server sends B and the head every round and A only to a client that
-does not hold the current A (A changes every round for ``fedavg``, after each
-refactorization for ``fedsvd``, never for ``ffa``). Clients send back what they trained.
+what travels (``fedortho.protocol``), validates replies and keeps per-node bookkeeping.
 """
 
 from __future__ import annotations
@@ -22,18 +18,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from fedortho import protocol
 from fedortho.config import RunConfig
 from fedortho.fedsvd import AggregationError, aggregate, check_update
 from fedortho.lora import trainable_names
 from fedortho.runs import get_logger
 
 logger = get_logger()
-
-A_VERSION_KEY = "a-version"
-
-
-def is_lora_a(name: str) -> bool:
-    return "lora_A" in name
+CLIENT_WAIT_SECONDS = 600
 
 
 class LoRAStrategy(FedAvg):
@@ -43,12 +35,13 @@ class LoRAStrategy(FedAvg):
         super().__init__(min_train_nodes=cfg.clients_per_round, min_available_nodes=cfg.clients)
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
-        self.a_version = 0
-        self.a_version_at_node: dict[int, int] = {}
+        self.held_version = 0
+        self.held_version_at_node: dict[int, int] = {}
         self.partition_of_node: dict[int, int] = {}
-        self.last_round: dict[str, float] = {}
         self.epsilon_of_partition: dict[int, float] = {}
+        self.last_round: dict[str, float] = {}
         self.round_started = time.time()
+        self._global: dict[str, torch.Tensor] = {}
 
     def summary(self) -> None:
         c = self.cfg
@@ -60,24 +53,37 @@ class LoRAStrategy(FedAvg):
     # -- node discovery and sampling ----------------------------------------------------
     def _discover(self, grid: Grid) -> None:
         """Learn each node's partition id once, so that sampling depends on the seed only."""
+        deadline = time.time() + CLIENT_WAIT_SECONDS
         while len(nodes := sorted(grid.get_node_ids())) < self.cfg.clients:
+            if time.time() > deadline:
+                raise RuntimeError(f"only {len(nodes)} of {self.cfg.clients} clients connected within "
+                                   f"{CLIENT_WAIT_SECONDS}s (start one SuperNode per client, or lower 'clients')")
             logger.info("waiting for clients: %d of %d connected", len(nodes), self.cfg.clients)
             time.sleep(1)
         unknown = [n for n in nodes if n not in self.partition_of_node]
         if not unknown:
             return
-        content = RecordDict({"config": ConfigRecord(self.cfg.to_dict(hyphenated=True))})
+        content = RecordDict({protocol.CONFIG: ConfigRecord(self.cfg.to_dict(hyphenated=True))})
         replies = grid.send_and_receive([Message(content=content, message_type=MessageType.QUERY, dst_node_id=n)
                                          for n in unknown])
         for reply in replies:
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                logger.warning("client %d did not describe itself: %s", reply.metadata.src_node_id, reply.error.reason)
+                logger.warning("client node %d did not describe itself: %s", node, reply.error.reason)
                 continue
-            self.partition_of_node[reply.metadata.src_node_id] = int(reply.content["info"]["partition-id"])
+            info = reply.content[protocol.INFO]
+            partition, parts = int(info["partition-id"]), int(info["num-partitions"])
+            if parts != self.cfg.clients:
+                raise RuntimeError(f"client node {node} has num-partitions={parts}, but the run has "
+                                   f"clients={self.cfg.clients}")
+            if partition in self.partition_of_node.values():
+                raise RuntimeError(f"two client nodes claim partition-id {partition}")
+            self.partition_of_node[node] = partition
 
     def sample(self, grid: Grid) -> list[int]:
         self._discover(grid)
-        by_partition = {p: n for n, p in self.partition_of_node.items() if n in set(grid.get_node_ids())}
+        connected = set(grid.get_node_ids())
+        by_partition = {p: n for n, p in self.partition_of_node.items() if n in connected}
         partitions = sorted(by_partition)
         if len(partitions) < self.cfg.clients_per_round:
             raise RuntimeError(f"only {len(partitions)} clients available, {self.cfg.clients_per_round} needed")
@@ -89,13 +95,16 @@ class LoRAStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self.round_started = time.time()
         state = arrays.to_torch_state_dict()
-        config = ConfigRecord({**self.cfg.to_dict(hyphenated=True), **config, "server-round": server_round,
-                               A_VERSION_KEY: self.a_version})
+        held = set(protocol.held_names(state, self.cfg.strategy, self.cfg.train_head))
+        settings = {**self.cfg.to_dict(hyphenated=True), **config, protocol.SERVER_ROUND: server_round,
+                    protocol.HELD_VERSION: self.held_version}
         messages = []
         for node in self.sample(grid):
-            needs_a = self.a_version_at_node.get(node) != self.a_version
-            payload = {k: v for k, v in state.items() if needs_a or not is_lora_a(k)}
-            content = RecordDict({"arrays": ArrayRecord(payload), "config": config})
+            up_to_date = self.held_version_at_node.get(node) == self.held_version
+            payload = {k: v for k, v in state.items() if not (up_to_date and k in held)}
+            seen = self.epsilon_of_partition.get(self.partition_of_node[node], 0.0)
+            content = RecordDict({protocol.ARRAYS: ArrayRecord(payload),
+                                  protocol.CONFIG: ConfigRecord({**settings, protocol.EPSILON_SEEN: seen})})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         self._global = state
         return messages
@@ -103,6 +112,24 @@ class LoRAStrategy(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         return []  # the server evaluates the global model on the held-out test split itself
+
+    def _read_reply(self, reply: Message, expected: dict[str, torch.Tensor], who: str):
+        """(update, weight, train loss) of a usable reply; None if the client sat out; raises if bad."""
+        info = reply.content[protocol.METRICS]
+        node = reply.metadata.src_node_id
+        epsilon = float(info["epsilon"])
+        if math.isnan(epsilon):
+            raise AggregationError("reported epsilon is NaN")
+        self.epsilon_of_partition[self.partition_of_node[node]] = epsilon
+        self.held_version_at_node[node] = int(info[protocol.HELD_VERSION])
+        if int(info.get("budget-exhausted", 0)):
+            return None
+        weight = float(info["num-examples"])
+        if not (math.isfinite(weight) and weight > 0):
+            raise AggregationError(f"num-examples must be a positive number, got {weight}")
+        update = reply.content[protocol.ARRAYS].to_torch_state_dict()
+        check_update(update, expected, who)
+        return update, weight, float(info["train-loss"])
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -115,25 +142,26 @@ class LoRAStrategy(FedAvg):
             who = f"client {self.partition_of_node.get(node, node)}"
             if reply.has_error():
                 failed += 1
+                self.held_version_at_node.pop(node, None)  # it may have lost its state: resend A
                 reason = (reply.error.reason or "").strip().splitlines()
                 logger.warning("%s failed: %s", who, reason[-1] if reason else "no reason given")
                 continue
-            info = reply.content["metrics"]
-            self.a_version_at_node[node] = int(info.get(A_VERSION_KEY, -1))
-            self.epsilon_of_partition[self.partition_of_node.get(node, node)] = float(info["epsilon"])
-            if int(info.get("budget-exhausted", 0)):
-                exhausted += 1
-                logger.warning("%s skipped the round: privacy budget exhausted (epsilon %.3f)", who, info["epsilon"])
-                continue
-            update = reply.content["arrays"].to_torch_state_dict() if "arrays" in reply.content else {}
             try:
-                check_update(update, expected, who)
-            except AggregationError as exc:
+                read = self._read_reply(reply, expected, who)
+            except (AggregationError, KeyError, TypeError, ValueError) as exc:
                 failed += 1
-                logger.warning("rejected update: %s", exc)
+                self.held_version_at_node.pop(node, None)
+                logger.warning("rejected reply of %s: %s", who, str(exc).removeprefix(f"{who}: "))
                 continue
-            accepted.append((self.partition_of_node.get(node, node), update, float(info["num-examples"])))
-            losses.append((float(info["train-loss"]), float(info["num-examples"])))
+            if read is None:
+                exhausted += 1
+                logger.warning("%s sat the round out: privacy budget exhausted (epsilon %.3f)", who,
+                               self.epsilon_of_partition[self.partition_of_node[node]])
+                continue
+            update, weight, loss = read
+            accepted.append((self.partition_of_node[node], update, weight))
+            if math.isfinite(loss):  # NaN when every Poisson batch came out empty
+                losses.append((loss, weight))
         accepted.sort(key=lambda item: item[0])  # a fixed summation order keeps runs reproducible
         metrics = {
             "clients-replied": len(accepted), "clients-failed": failed, "clients-exhausted": exhausted,
@@ -145,8 +173,9 @@ class LoRAStrategy(FedAvg):
         if not accepted:
             logger.warning("round %d: no usable client update; the global adapter is unchanged", server_round)
             return None, MetricRecord(metrics)
-        new_state, a_changed = aggregate(self.cfg.strategy, self._global, [u for _, u, _ in accepted],
-                                         [w for _, _, w in accepted], server_round, self.cfg.svd_period)
-        if a_changed:
-            self.a_version += 1
+        new_state, _ = aggregate(self.cfg.strategy, self._global, [u for _, u, _ in accepted],
+                                 [w for _, _, w in accepted], server_round, self.cfg.svd_period)
+        held = protocol.held_names(new_state, self.cfg.strategy, self.cfg.train_head)
+        if any(not torch.equal(new_state[k], self._global[k]) for k in held):
+            self.held_version += 1
         return ArrayRecord({k: v.contiguous() for k, v in new_state.items()}), MetricRecord(metrics)

@@ -6,7 +6,7 @@ import torch
 
 from fedortho.fedsvd import aggregate
 from fedortho.lora import adapter_state
-from fedortho.worker import ClientWork, initial_state, run_client_round
+from fedortho.worker import ClientWork, build_model, run_client_round
 
 
 def orthonormalize_rows(a: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def products(state):
 
 def test_fedsvd_equals_ffa_from_orthonormal_a0_under_sgd(tiny_cfg):
     cfg = tiny_cfg.replace(epsilon=math.inf, optimizer="sgd", lr=0.5, local_steps=2)
-    start = initial_state(cfg)
+    start = adapter_state(build_model(cfg))
     start = {k: orthonormalize_rows(v) if "lora_A" in k else v for k, v in start.items()}
     svd = run_rounds(cfg.replace(strategy="fedsvd"), start, rounds=3)
     ffa = run_rounds(cfg.replace(strategy="ffa"), start, rounds=3)

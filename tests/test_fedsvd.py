@@ -141,11 +141,17 @@ def test_bad_updates_are_rejected_with_a_clear_message():
         aggregate("fedsvd", g, [g], [1.0], 1)
 
 
-def test_refactorize_all_groups_by_shape():
+def test_refactorize_all_batches_each_shape_like_single_calls():
     g = _state(0)
+    g["layer.2.v.lora_A.weight"] = rand(4, 12, seed=40, dtype=torch.float32)  # a second shape
+    g["layer.2.v.lora_B.weight"] = rand(50, 4, seed=41, dtype=torch.float32)
     new = refactorize_all(g)
-    for layer in ("layer.0.q", "layer.1.q"):
-        before = g[f"{layer}.lora_B.weight"].double() @ g[f"{layer}.lora_A.weight"].double()
+    for layer in ("layer.0.q", "layer.1.q", "layer.2.v"):
+        b, a = g[f"{layer}.lora_B.weight"], g[f"{layer}.lora_A.weight"]
+        b1, a1 = refactorize(b, a)
+        assert torch.allclose(new[f"{layer}.lora_B.weight"], b1, atol=1e-5)
+        assert torch.allclose(new[f"{layer}.lora_A.weight"], a1, atol=1e-5)
+        assert_orthonormal_rows(new[f"{layer}.lora_A.weight"], 1e-5)
         after = new[f"{layer}.lora_B.weight"].double() @ new[f"{layer}.lora_A.weight"].double()
-        assert torch.allclose(before, after, atol=1e-4)
+        assert torch.allclose(b.double() @ a.double(), after, atol=1e-4)
     assert torch.equal(new["classifier.weight"], g["classifier.weight"])

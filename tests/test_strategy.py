@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
@@ -16,25 +16,36 @@ from server.strategy import LoRAStrategy
 class LocalGrid:
     """Delivers each message to the ClientApp of its node; records what travelled."""
 
-    def __init__(self, num_nodes, corrupt_node=None):
+    def __init__(self, num_nodes, corrupt_node=None, tamper=None, before_round=None, node_config=None):
         # Messages are stamped with the identity of the running task, as in a real ServerApp.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
         self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
+            100 + i: Context(run_id=1, node_id=100 + i,
+                             node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {})},
                              state=RecordDict(), run_config={})
             for i in range(num_nodes)
         }
-        self.corrupt_node = corrupt_node
-        self.sent, self.received = [], []
+        self.corrupt_node, self.tamper, self.before_round = corrupt_node, tamper, before_round
+        self.sent, self.received, self.held_by_client = [], [], []
+        self.rounds = 0
 
     def get_node_ids(self):
         return list(self.contexts)
 
     def send_and_receive(self, messages, timeout=None):
         replies = []
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "train":
+            self.rounds += 1
+            if self.before_round:
+                self.before_round(self, self.rounds)
         for msg in messages:
             node = msg.metadata.dst_node_id
-            reply = client_app(msg, self.contexts[node])
+            try:
+                reply = client_app(msg, self.contexts[node])
+            except Exception as exc:  # as Flower's runtime does: an error reply, not a crash
+                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+                continue
             if msg.metadata.message_type == "train":
                 self.sent.append((node, sorted(msg.content["arrays"].keys())))
                 if node == self.corrupt_node:
@@ -43,8 +54,13 @@ class LocalGrid:
                     bad = arrays.to_torch_state_dict()
                     bad[key] = torch.full_like(bad[key], float("nan"))
                     reply.content["arrays"] = ArrayRecord(bad)
+                if self.tamper:
+                    reply = self.tamper(node, reply)
                 self.received.append((node, sorted(reply.content["arrays"].keys())
                                        if "arrays" in reply.content else []))
+                state = self.contexts[node].state
+                if "held-tensors" in state:
+                    self.held_by_client.append((self.rounds, state["held-tensors"].to_torch_state_dict()))
             replies.append(reply)
         return replies
 
@@ -105,3 +121,67 @@ def test_exhausted_clients_sit_out(tiny_cfg):
     assert [r["clients-replied"] for r in rounds] == [3, 0, 0]
     assert [r["clients-exhausted"] for r in rounds] == [0, 3, 3]
     assert 0 < max(r["epsilon-max"] for r in rounds) <= cfg.epsilon
+
+
+def test_clients_hold_exactly_the_servers_a(tiny_cfg):
+    cfg = tiny_cfg.replace(strategy="fedsvd", rounds=3, epsilon=math.inf)
+    grid = LocalGrid(3)
+    strategy = LoRAStrategy(cfg)
+    initial = ArrayRecord(adapter_state(build_model(cfg)))
+    globals_before_round = []
+    grid.before_round = lambda g, rnd: globals_before_round.append(None)
+    states = []
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.rounds,
+                   evaluate_fn=lambda rnd, arrays: states.append(arrays.to_torch_state_dict()) or None)
+    assert len(grid.held_by_client) == 9
+    for rnd, held in grid.held_by_client:
+        global_before = states[rnd - 1]  # the global state the round started from
+        assert held and all(torch.equal(held[k], global_before[k]) for k in held)
+
+
+def drop_metrics(node, reply):
+    if node == 100:
+        del reply.content["metrics"]
+    if node == 101:
+        reply.content["metrics"]["num-examples"] = float("nan")
+    return reply
+
+
+def test_malformed_replies_are_rejected_one_line_each(tiny_cfg, caplog):
+    cfg = tiny_cfg.replace(rounds=1, epsilon=math.inf)
+    grid = LocalGrid(3, tamper=drop_metrics)
+    _, result, rounds = start(cfg, grid)
+    assert rounds[0]["clients-replied"] == 1 and rounds[0]["clients-failed"] == 2
+    assert all(torch.isfinite(v).all() for v in result.arrays.to_torch_state_dict().values())
+
+
+def test_a_client_that_lost_its_state_gets_a_again(tiny_cfg):
+    def wipe(grid, rnd):
+        if rnd == 2:
+            grid.contexts[100].state = RecordDict()
+
+    cfg = tiny_cfg.replace(strategy="ffa", rounds=3, epsilon=math.inf)
+    grid = LocalGrid(3, before_round=wipe)
+    _, _, rounds = start(cfg, grid)
+    assert [r["clients-replied"] for r in rounds] == [3, 2, 3]  # fails once, then A is resent
+
+
+def test_a_private_client_that_lost_its_history_refuses(tiny_cfg):
+    def wipe(grid, rnd):
+        if rnd == 2:
+            grid.contexts[100].state = RecordDict()
+
+    cfg = tiny_cfg.replace(rounds=2, epsilon=6.0)
+    grid = LocalGrid(3, before_round=wipe)
+    _, _, rounds = start(cfg, grid)
+    assert [r["clients-replied"] for r in rounds] == [3, 2]
+    assert rounds[1]["clients-failed"] == 1
+
+
+def test_pinned_privacy_settings_are_enforced_by_the_client(tiny_cfg):
+    cfg = tiny_cfg.replace(rounds=1, epsilon=math.inf)
+    grid = LocalGrid(3, node_config={"epsilon": 6.0})  # the server asks for no DP: refused
+    _, _, rounds = start(cfg, grid)
+    assert rounds[0]["clients-replied"] == 0 and rounds[0]["clients-failed"] == 3
+    _, _, rounds = start(tiny_cfg.replace(rounds=1, epsilon=6.0), LocalGrid(3, node_config={"epsilon": 6.0}))
+    assert rounds[0]["clients-replied"] == 3
