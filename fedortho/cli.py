@@ -76,6 +76,12 @@ def _stop_cleanly_on_signals() -> None:
     def stop(signum, frame):  # noqa: ARG001
         print("fedortho: interrupted; finished rounds are in the run folder", file=sys.stderr, flush=True)
         try:
+            from fedortho.runs import finish_interrupted_runs
+
+            finish_interrupted_runs()
+        except Exception as exc:  # still stop Ray below
+            print(f"fedortho: could not write the run summary: {exc}", file=sys.stderr, flush=True)
+        try:
             import ray
 
             ray.shutdown()

@@ -64,6 +64,15 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+_ACTIVE: list["RunRecorder"] = []
+
+
+def finish_interrupted_runs() -> None:
+    """Write the summary of every run still in progress (used when the process is stopped)."""
+    for recorder in list(_ACTIVE):
+        recorder.finish({"completed": False})
+
+
 class RunRecorder:
     """Writes a run's outputs as they happen, so an interrupted run keeps its finished rounds."""
 
@@ -77,6 +86,7 @@ class RunRecorder:
         meta = {"config": cfg.to_dict(hyphenated=True), "seed": cfg.seed, "git-commit": git_commit(),
                 "packages": package_versions(), "python": sys.version.split()[0], "platform": platform.platform()}
         (self.out / "config.json").write_text(json.dumps(_json_safe(meta), indent=2) + "\n")
+        _ACTIVE.append(self)
 
     def record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -90,6 +100,8 @@ class RunRecorder:
                   f"{row.get('round-seconds', 0.0):.1f}s", flush=True)
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         last = self.rows[-1] if self.rows else {}
         trained = [r for r in self.rows if r["round"] > 0]
         summary = {

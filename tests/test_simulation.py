@@ -112,3 +112,35 @@ def test_missing_dataset_and_used_run_folder_fail_before_ray_starts(tmp_path, fi
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
     assert (out / "metrics.jsonl").read_text() == before  # nothing already computed is lost
+
+
+def test_ctrl_c_stops_ray_and_keeps_finished_rounds(tmp_path, tiny_model_dir, hf_dataset_dir):
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "fedortho.cli", "simulate", "--model", tiny_model_dir, "--dataset", hf_dataset_dir,
+           "--clients", "3", "--clients-per-round", "3", "--rounds", "50", "--local-steps", "2",
+           "--batch-size", "16", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").exists() or len(rows(out)) < 2:  # rounds 0 and 1 done
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.time() < deadline
+            time.sleep(0.5)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("raylet" in " ".join(c.cmdline()) for c in children if c.is_running())
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in stderr
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == []  # Ray's processes are gone with it
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] is False and summary["final-accuracy"] == rows(out)[-1]["test-accuracy"]
+    assert (out / "adapter" / "adapter_config.json").is_file()
