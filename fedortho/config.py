@@ -35,8 +35,8 @@ class RunConfig:
     # local training
     local_steps: int = field(default=3, metadata={"help": "optimizer steps per client round"})
     batch_size: int = field(default=32, metadata={"help": "expected (Poisson) batch size"})
-    optimizer: str = field(default="sgd", metadata={"help": "client optimizer"})
-    lr: float = field(default=0.5, metadata={"help": "client learning rate"})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd | adamw | auon | hybrid-auon | muon | normuon"})
+    lr: float = field(default=0.0, metadata={"help": "client learning rate (0: the optimizer's default, sgd 0.5)"})
     # privacy
     epsilon: float = field(default=6.0, metadata={"help": "target epsilon per client for the whole run (inf: no DP)"})
     delta: float = field(default=1e-5, metadata={"help": "target delta"})
@@ -113,7 +113,7 @@ class RunConfig:
         need(self.epsilon > 0, f"epsilon must be > 0 (or inf for no DP), got {self.epsilon}")
         need(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
         need(self.clip > 0 and math.isfinite(self.clip), f"clip must be a positive number, got {self.clip}")
-        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
+        need(self.lr >= 0 and math.isfinite(self.lr), f"lr must be >= 0 (0: the optimizer's default), got {self.lr}")
         need(0 < self.test_fraction < 1, f"test-fraction must be in (0, 1), got {self.test_fraction}")
         need(self.dirichlet_alpha > 0, f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
         need(self.max_train_examples >= 0 and self.max_test_examples >= 0, "max-train/test-examples must be >= 0")

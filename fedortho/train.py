@@ -75,7 +75,7 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
     n = len(dataset)
     model.train()
     params = set_trainable(model, trainable)
-    optimizer = build_optimizer(cfg.optimizer, params, cfg.lr)
+    optimizer = build_optimizer(cfg.optimizer, list(zip(trainable, params)), cfg.lr)
     # Independent streams for dropout, batch sampling and noise.
     streams = np.random.SeedSequence(seed).spawn(3)
     dropout_seed, sampling_seed, noise_seed = (int(child.generate_state(1)[0]) for child in streams)

@@ -1,0 +1,180 @@
+"""AuON, Hybrid-AuON, Muon and NorMuon as ``torch.optim.Optimizer`` subclasses.
+
+Matrix parameters get momentum (0.95, Nesterov) and an orthogonalized direction; every other
+trainable parameter (bias, LayerNorm, a classification head put in a non-orthogonal group)
+gets AdamW inside the same optimizer, so that Opacus wraps exactly one optimizer.
+
+The hot path is batched: all matrices of one shape are stacked and updated by one call of
+the direction function (on CUDA, by Triton kernels: ``fedortho.optim.kernels``), never by a
+Python loop per parameter (``batched=False`` keeps that loop for comparison).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from fedortho.optim import kernels
+from fedortho.optim.orthogonal import shape_scale
+
+
+class OrthogonalMomentum(torch.optim.Optimizer):
+    """Base class: subclasses define ``direction(u, params)`` for a stack ``u: (k, m, n)``.
+
+    Param groups may set ``orthogonal``: True (all matrices), False (AdamW for all) or None
+    (the default: 2-D parameters orthogonal, others AdamW).
+    """
+
+    default_lr = 0.02
+
+    def __init__(self, params, lr: float | None = None, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, adamw_lr: float = 1e-3, adamw_betas: tuple[float, float] = (0.9, 0.999),
+                 adamw_eps: float = 1e-8, batched: bool = True) -> None:
+        lr = self.default_lr if lr is None else lr
+        if lr <= 0 or adamw_lr <= 0 or not 0 <= momentum < 1:
+            raise ValueError(f"{type(self).__name__}: need lr > 0, adamw_lr > 0 and 0 <= momentum < 1")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, adamw_lr=adamw_lr,
+                        adamw_betas=adamw_betas, adamw_eps=adamw_eps, orthogonal=None)
+        super().__init__(params, defaults)
+        self.batched = batched
+
+    # -- what subclasses provide ------------------------------------------------------------
+    def direction(self, u: torch.Tensor, params: list[torch.Tensor], group: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- the step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            matrices, others = [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                orthogonal = group["orthogonal"] if group["orthogonal"] is not None else p.ndim == 2
+                if orthogonal and p.ndim != 2:
+                    raise ValueError(f"{type(self).__name__}: an orthogonal group holds a {p.ndim}-D parameter")
+                (matrices if orthogonal else others).append(p)
+            self._adamw(others, group)
+            by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+            for p in matrices:
+                by_shape[(tuple(p.shape), p.dtype, p.device)].append(p)
+            for same_shape in by_shape.values():
+                if self.batched:
+                    self._orthogonal_update(same_shape, group)
+                else:
+                    for p in same_shape:
+                        self._orthogonal_update([p], group)
+        return loss
+
+    def _orthogonal_update(self, params: list[torch.Tensor], group: dict) -> None:
+        beta, lr = group["momentum"], group["lr"]
+        grads = [p.grad for p in params]
+        buffers = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buffers.append(state["momentum_buffer"])
+        torch._foreach_lerp_(buffers, grads, 1 - beta)  # M <- beta M + (1 - beta) G
+        u = torch.stack(grads).lerp_(torch.stack(buffers), beta) if group["nesterov"] else torch.stack(buffers)
+        direction = self.direction(u, params, group)
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        m, n = params[0].shape
+        torch._foreach_add_(params, list(direction.unbind(0)), alpha=-lr * shape_scale(m, n))
+
+    def _adamw(self, params: list[torch.Tensor], group: dict) -> None:
+        beta1, beta2 = group["adamw_betas"]
+        lr, eps = group["adamw_lr"], group["adamw_eps"]
+        for p in params:
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+            denom = (state["exp_avg_sq"].sqrt() / bias2 ** 0.5).add_(eps)
+            if group["weight_decay"]:
+                p.mul_(1 - lr * group["weight_decay"])
+            p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+
+
+class Muon(OrthogonalMomentum):
+    """Muon: 5 quintic Newton-Schulz steps on the Nesterov momentum; step lr * sqrt(max(1, m/n)) * X."""
+
+    default_lr = 0.02
+
+    def direction(self, u, params, group):
+        return kernels.newton_schulz(u)
+
+
+class AuON(OrthogonalMomentum):
+    """AuON, the paper's version: X = u / ||u||_F, step lr * sqrt(max(1, m/n)) * X / r with
+    r = sqrt(mean(cosh(X)^2)). No Newton-Schulz: the direction keeps u's singular vectors and
+    relative singular values; the cosh factor (within ~1e-3 of 1) bounds the step's RMS."""
+
+    default_lr = 0.05
+
+    def direction(self, u, params, group):
+        return kernels.auon_direction(u)
+
+    def _orthogonal_update(self, params, group):
+        fusable = (kernels.use_triton(params[0]) and group["nesterov"] and not group["weight_decay"]
+                   and params[0].dtype == torch.float32 and kernels.triton_fits(params[0]))
+        if not fusable:
+            return super()._orthogonal_update(params, group)
+        from fedortho.optim.kernels.triton_kernels import fused_auon_step
+
+        buffers = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buffers.append(state["momentum_buffer"])
+        stacked_p, stacked_m = torch.stack(params), torch.stack(buffers)
+        m, n = params[0].shape
+        fused_auon_step(stacked_p, torch.stack([p.grad for p in params]), stacked_m, group["momentum"],
+                        group["lr"] * shape_scale(m, n))
+        torch._foreach_copy_(params, list(stacked_p.unbind(0)))
+        torch._foreach_copy_(buffers, list(stacked_m.unbind(0)))
+
+
+class HybridAuON(OrthogonalMomentum):
+    """Hybrid-AuON: one Newton-Schulz step on u / ||u||_F, then AuON's cosh scaling."""
+
+    default_lr = 0.05
+
+    def direction(self, u, params, group):
+        return kernels.hybrid_auon_direction(u)
+
+
+class NorMuon(OrthogonalMomentum):
+    """NorMuon: Muon's output normalized per row by a second moment (beta2 0.95, starting at 0)
+    and rescaled to its Frobenius norm before that division."""
+
+    default_lr = 0.02
+
+    def __init__(self, params, lr: float | None = None, beta2: float = 0.95, **kwargs) -> None:
+        super().__init__(params, lr=lr, **kwargs)
+        for group in self.param_groups:
+            group.setdefault("beta2", beta2)
+
+    def direction(self, u, params, group):
+        moments = []
+        for p in params:
+            state = self.state[p]
+            if "second_moment" not in state:
+                state["second_moment"] = torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device)
+            moments.append(state["second_moment"])
+        stacked = torch.stack(moments)
+        out = kernels.normuon_direction(u, stacked, group["beta2"])
+        torch._foreach_copy_(moments, list(stacked.unbind(0)))
+        return out
