@@ -2,7 +2,8 @@
 
 The base model and the tokenized data stay alive in the worker process across clients and
 rounds (``fedortho.worker``); per-client state is small: the held tensors (A, a frozen head),
-the privacy accountant's history and the noise plan.
+the privacy accountant's history, the noise plan and, with ``optimizer-state = keep``, the
+optimizer's state (its momentum rotated along when FedSVD rotates B and A).
 
 Node config (``--node-config`` of a SuperNode; set automatically in simulation):
 ``partition-id`` and ``num-partitions`` (required); optionally ``epsilon``, ``delta``, ``clip``
@@ -20,6 +21,7 @@ from flwr.clientapp import ClientApp
 
 from fedortho import protocol
 from fedortho.config import RunConfig
+from fedortho.optim.rotation import rotate_saved_state
 from fedortho.privacy import BudgetExhausted, remember_plan, spent_epsilon
 from fedortho.worker import ClientWork, adapter_names, run_client_round
 
@@ -28,6 +30,8 @@ app = ClientApp()
 STATE_HELD = "held-tensors"
 STATE_HELD_META = "held-meta"
 STATE_PRIVACY = "privacy"
+STATE_OPTIMIZER = "optimizer-tensors"
+STATE_OPTIMIZER_SCALARS = "optimizer-scalars"
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -54,22 +58,35 @@ def _config(msg: Message, context: Context) -> RunConfig:
     return cfg
 
 
-def _held_tensors(received: dict, cfg: RunConfig, context: Context, version: int) -> dict:
-    """The held tensors: from the message when they changed, else from this client's state."""
+def _held_tensors(received: dict, cfg: RunConfig, context: Context, version: int) -> tuple[dict, dict]:
+    """(held tensors, the ones they replace): from the message when they changed, else from
+    this client's state (and then nothing was replaced)."""
     held = protocol.held_names(adapter_names(cfg), cfg.strategy, cfg.train_head)
     if not held:  # fedavg with a trained head: everything travels every round
-        return {}
+        return {}, {}
     if any(k in received for k in held):
         missing = [k for k in held if k not in received]
         if missing:
             raise RuntimeError(f"the server sent only part of the held tensors (missing '{missing[0]}')")
+        previous = context.state[STATE_HELD].to_torch_state_dict() if STATE_HELD in context.state else {}
         tensors = {k: received[k] for k in held}
         context.state[STATE_HELD] = ArrayRecord(tensors)
         context.state[STATE_HELD_META] = ConfigRecord({"version": version})
-        return tensors
+        return tensors, previous
     if STATE_HELD in context.state and int(context.state[STATE_HELD_META]["version"]) == version:
-        return context.state[STATE_HELD].to_torch_state_dict()
+        return context.state[STATE_HELD].to_torch_state_dict(), {}
     raise RuntimeError("the server sent no held tensors (A) and this client holds no current copy")
+
+
+def _kept_optimizer_state(cfg: RunConfig, context: Context, held: dict, previous: dict):
+    """The optimizer state this client kept, moved into the coordinates of a new A."""
+    if cfg.optimizer_state != "keep" or STATE_OPTIMIZER not in context.state:
+        return None
+    tensors = context.state[STATE_OPTIMIZER].to_torch_state_dict()
+    scalars = dict(context.state[STATE_OPTIMIZER_SCALARS]) if STATE_OPTIMIZER_SCALARS in context.state else {}
+    if previous and cfg.strategy == "fedsvd":  # the server rotated (B, A): rotate B's momentum too
+        tensors = rotate_saved_state(tensors, previous, held)
+    return tensors, scalars
 
 
 @app.query()
@@ -86,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
     round_config = msg.content[protocol.CONFIG]
     version = int(round_config[protocol.HELD_VERSION])
     received = msg.content[protocol.ARRAYS].to_torch_state_dict()
-    held = _held_tensors(received, cfg, context, version)
+    held, previous = _held_tensors(received, cfg, context, version)
 
     history = []
     if STATE_PRIVACY in context.state:
@@ -103,7 +120,8 @@ def train(msg: Message, context: Context) -> Message:
     secure = str(context.node_config.get("secure-noise", "false")).lower() in ("1", "true", "yes")
     work = ClientWork(cfg=cfg, partition_id=partition_id, num_partitions=num_partitions,
                       server_round=int(round_config[protocol.SERVER_ROUND]), global_state={**received, **held},
-                      history=history, seed=secrets.randbits(62) if secure else None)
+                      history=history, seed=secrets.randbits(62) if secure else None,
+                      optimizer_state=_kept_optimizer_state(cfg, context, held, previous))
     try:
         result = run_client_round(work)
     except BudgetExhausted:
@@ -112,6 +130,10 @@ def train(msg: Message, context: Context) -> Message:
                                 protocol.HELD_VERSION: version})
         return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
 
+    if cfg.optimizer_state == "keep":
+        tensors, scalars = result.optimizer_state
+        context.state[STATE_OPTIMIZER] = ArrayRecord(tensors)
+        context.state[STATE_OPTIMIZER_SCALARS] = ConfigRecord(scalars)
     if result.history:
         sigmas, rates, steps = zip(*result.history)
         context.state[STATE_PRIVACY] = ConfigRecord({

@@ -36,6 +36,7 @@ class RunConfig:
     local_steps: int = field(default=3, metadata={"help": "optimizer steps per client round"})
     batch_size: int = field(default=32, metadata={"help": "expected (Poisson) batch size"})
     optimizer: str = field(default="sgd", metadata={"help": "sgd | adamw | auon | hybrid-auon | muon | normuon"})
+    optimizer_state: str = field(default="reset", metadata={"help": "reset | keep: the client's optimizer state across rounds"})
     lr: float = field(default=0.0, metadata={"help": "client learning rate (0: the optimizer's default, sgd 0.5)"})
     # privacy
     epsilon: float = field(default=6.0, metadata={"help": "target epsilon per client for the whole run (inf: no DP)"})
@@ -104,6 +105,8 @@ class RunConfig:
         need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
         need(self.eval_precision in ("bfloat16", "float32"),
              f"eval-precision must be bfloat16 or float32, got '{self.eval_precision}'")
+        need(self.optimizer_state in ("reset", "keep"),
+             f"optimizer-state must be reset or keep, got '{self.optimizer_state}'")
         need(self.pooling in ("mean", "model"), f"pooling must be mean or model, got '{self.pooling}'")
         need(self.partitioning in PARTITIONINGS, f"partitioning must be one of {', '.join(PARTITIONINGS)}, got '{self.partitioning}'")
         for name in ("rounds", "clients", "clients_per_round", "svd_period", "local_steps", "batch_size", "lora_r", "max_length"):

@@ -15,6 +15,7 @@ from fedortho import privacy
 from fedortho.config import RunConfig
 from fedortho.lora import adapter_state, set_trainable
 from fedortho.optim import build_optimizer
+from fedortho.optim.state import export_state, import_state
 
 # Only adapter tensors require gradients, so module inputs never do: Opacus' hooks fire on
 # outputs, as intended.
@@ -34,6 +35,7 @@ class ClientResult:
     history: privacy.History = field(default_factory=list)
     sample_rate: float = 1.0
     planned_steps: int = 0  # the steps the noise multiplier was planned for
+    optimizer_state: tuple[dict, dict] = ({}, {})  # export_state's (tensors, scalars)
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -64,18 +66,24 @@ def _batches(loader: DataLoader):
 
 
 def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig, trainable: list[str],
-                 history: privacy.History, seed: int) -> ClientResult:
+                 history: privacy.History, seed: int,
+                 optimizer_state: tuple[dict, dict] | None = None) -> ClientResult:
     """Train ``trainable`` adapter tensors of ``model`` for ``cfg.local_steps`` steps.
 
     With a finite ``cfg.epsilon``: Poisson sampling, per-sample clipping to ``cfg.clip`` and
     Gaussian noise with the multiplier planned for the client's whole participation; raises
     ``privacy.BudgetExhausted`` (before training) if the round would exceed the target.
     ``history`` is the accountant's history so far; the result carries the extended one.
+    ``optimizer_state`` (from ``fedortho.optim.state.export_state``) resumes the optimizer;
+    the result carries its final state.
     """
     n = len(dataset)
     model.train()
     params = set_trainable(model, trainable)
-    optimizer = build_optimizer(cfg.optimizer, list(zip(trainable, params)), cfg.lr)
+    named = list(zip(trainable, params))
+    optimizer = base_optimizer = build_optimizer(cfg.optimizer, named, cfg.lr)
+    if optimizer_state is not None:
+        import_state(base_optimizer, named, *optimizer_state)
     # Independent streams for dropout, batch sampling and noise.
     streams = np.random.SeedSequence(seed).spawn(3)
     dropout_seed, sampling_seed, noise_seed = (int(child.generate_state(1)[0]) for child in streams)
@@ -121,6 +129,7 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
         new_history, epsilon = list(history), math.inf
     state = adapter_state(model)
     return ClientResult(
+        optimizer_state=export_state(base_optimizer, named),
         update={k: state[k] for k in trainable}, num_examples=n,
         train_loss=float(np.mean(losses)) if losses else float("nan"), epsilon=epsilon,
         steps=cfg.local_steps, noise_multiplier=sigma, history=new_history, sample_rate=rate, planned_steps=planned,

@@ -56,6 +56,7 @@ class ClientWork:
     global_state: dict[str, torch.Tensor]
     history: History = field(default_factory=list)
     seed: int | None = None  # None: derived from the run seed, the round and the partition
+    optimizer_state: tuple[dict, dict] | None = None  # kept from the client's last round
 
 
 def run_client_round(work: ClientWork) -> ClientResult:
@@ -71,4 +72,4 @@ def run_client_round(work: ClientWork) -> ClientResult:
     dataset = data.client_dataset(cfg, work.partition_id, work.num_partitions)
     names = trainable_names(expected, cfg.strategy, cfg.train_head)
     seed = work.seed if work.seed is not None else round_seed(cfg.seed, work.server_round, work.partition_id)
-    return train_client(model, dataset, cfg, names, work.history, seed)
+    return train_client(model, dataset, cfg, names, work.history, seed, work.optimizer_state)

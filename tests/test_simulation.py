@@ -144,3 +144,12 @@ def test_ctrl_c_stops_ray_and_keeps_finished_rounds(tmp_path, tiny_model_dir, hf
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] is False and summary["final-accuracy"] == rows(out)[-1]["test-accuracy"]
     assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_orthogonal_optimizer_with_kept_state_under_dp(tmp_path, tiny_model_dir, hf_dataset_dir):
+    out = tmp_path / "auon"
+    simulate(out, tiny_model_dir, hf_dataset_dir, "--optimizer", "auon", "--optimizer-state", "keep")
+    metrics = rows(out)
+    assert [r["clients-replied"] for r in metrics[1:]] == [3, 3]
+    assert 0 < metrics[1]["epsilon"] < metrics[2]["epsilon"] <= 6.0
+    assert json.loads((out / "config.json").read_text())["config"]["optimizer"] == "auon"

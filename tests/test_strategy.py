@@ -185,3 +185,33 @@ def test_pinned_privacy_settings_are_enforced_by_the_client(tiny_cfg):
     assert rounds[0]["clients-replied"] == 0 and rounds[0]["clients-failed"] == 3
     _, _, rounds = start(tiny_cfg.replace(rounds=1, epsilon=6.0), LocalGrid(3, node_config={"epsilon": 6.0}))
     assert rounds[0]["clients-replied"] == 3
+
+
+def _run_from(cfg, initial):
+    grid = LocalGrid(cfg.clients)
+    strategy = LoRAStrategy(cfg)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.rounds)
+    return result.arrays.to_torch_state_dict()
+
+
+def _products(state):
+    return {k: state[k].double() @ state[k.replace("lora_B", "lora_A")].double() for k in state if "lora_B" in k}
+
+
+def test_kept_momentum_is_rotated_with_fedsvd(tiny_cfg, monkeypatch):
+    """Muon with kept state: FedSVD (A rotated every round, momentum rotated along) follows
+    FFA-LoRA from the same orthonormal A0 exactly; without the rotation it does not."""
+    cfg = tiny_cfg.replace(optimizer="muon", optimizer_state="keep", epsilon=math.inf, rounds=3, lr=0.02)
+    start_state = adapter_state(build_model(cfg))
+    start_state = {k: (torch.linalg.qr(v.double().T)[0].T.float().contiguous() if "lora_A" in k else v)
+                   for k, v in start_state.items()}
+    ffa = _products(_run_from(cfg.replace(strategy="ffa"), start_state))
+    svd = _products(_run_from(cfg.replace(strategy="fedsvd"), start_state))
+    for k in ffa:
+        assert torch.allclose(svd[k], ffa[k], atol=1e-4 * float(ffa[k].abs().max())), k
+
+    import client.app as client_app_module
+
+    monkeypatch.setattr(client_app_module, "rotate_saved_state", lambda tensors, old, new: tensors)
+    unrotated = _products(_run_from(cfg.replace(strategy="fedsvd"), start_state))
+    assert any(not torch.allclose(unrotated[k], ffa[k], atol=1e-3 * float(ffa[k].abs().max())) for k in ffa)

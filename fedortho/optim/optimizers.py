@@ -4,9 +4,10 @@ Matrix parameters get momentum (0.95, Nesterov) and an orthogonalized direction;
 trainable parameter (bias, LayerNorm, a classification head put in a non-orthogonal group)
 gets AdamW inside the same optimizer, so that Opacus wraps exactly one optimizer.
 
-The hot path is batched: all matrices of one shape are stacked and updated by one call of
-the direction function (on CUDA, by Triton kernels: ``fedortho.optim.kernels``), never by a
-Python loop per parameter (``batched=False`` keeps that loop for comparison).
+The hot path is batched: matrices of one shape are stacked and updated by one call of the
+direction function (on CUDA, all of them, by Triton kernels: ``fedortho.optim.kernels``; on
+CPU in cache-sized batches), never by a Python loop per parameter (``batched=False`` keeps
+that loop for comparison).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections import defaultdict
 import torch
 
 from fedortho.optim import kernels
-from fedortho.optim.orthogonal import shape_scale
+from fedortho.optim.orthogonal import EPS, shape_scale
 
 
 class OrthogonalMomentum(torch.optim.Optimizer):
@@ -38,6 +39,15 @@ class OrthogonalMomentum(torch.optim.Optimizer):
                         adamw_betas=adamw_betas, adamw_eps=adamw_eps, orthogonal=None)
         super().__init__(params, defaults)
         self.batched = batched
+
+    # A CPU batch is capped so that its stacked temporaries stay in cache (measured on 2 cores:
+    # 16 matrices of 1024x8 step faster than 48 at once); a GPU takes each shape in one call.
+    CPU_BATCH_BYTES = 512 * 1024
+
+    def _batch_size(self, p: torch.Tensor) -> int:
+        if p.is_cuda:
+            return 1 << 30
+        return max(1, self.CPU_BATCH_BYTES // (p.numel() * p.element_size()))
 
     # -- what subclasses provide ------------------------------------------------------------
     def direction(self, u: torch.Tensor, params: list[torch.Tensor], group: dict) -> torch.Tensor:
@@ -64,11 +74,9 @@ class OrthogonalMomentum(torch.optim.Optimizer):
             for p in matrices:
                 by_shape[(tuple(p.shape), p.dtype, p.device)].append(p)
             for same_shape in by_shape.values():
-                if self.batched:
-                    self._orthogonal_update(same_shape, group)
-                else:
-                    for p in same_shape:
-                        self._orthogonal_update([p], group)
+                size = self._batch_size(same_shape[0]) if self.batched else 1
+                for start in range(0, len(same_shape), size):
+                    self._orthogonal_update(same_shape[start:start + size], group)
         return loss
 
     def _orthogonal_update(self, params: list[torch.Tensor], group: dict) -> None:
@@ -127,24 +135,38 @@ class AuON(OrthogonalMomentum):
         return kernels.auon_direction(u)
 
     def _orthogonal_update(self, params, group):
-        fusable = (kernels.use_triton(params[0]) and group["nesterov"] and not group["weight_decay"]
-                   and params[0].dtype == torch.float32 and kernels.triton_fits(params[0]))
-        if not fusable:
-            return super()._orthogonal_update(params, group)
-        from fedortho.optim.kernels.triton_kernels import fused_auon_step
-
+        beta, lr = group["momentum"], group["lr"]
         buffers = []
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             buffers.append(state["momentum_buffer"])
-        stacked_p, stacked_m = torch.stack(params), torch.stack(buffers)
         m, n = params[0].shape
-        fused_auon_step(stacked_p, torch.stack([p.grad for p in params]), stacked_m, group["momentum"],
-                        group["lr"] * shape_scale(m, n))
-        torch._foreach_copy_(params, list(stacked_p.unbind(0)))
-        torch._foreach_copy_(buffers, list(stacked_m.unbind(0)))
+        step = lr * shape_scale(m, n)
+        fusable = (kernels.use_triton(params[0]) and group["nesterov"] and not group["weight_decay"]
+                   and params[0].dtype == torch.float32 and kernels.triton_fits(params[0]))
+        if fusable:  # GPU: the whole step in two passes over memory
+            from fedortho.optim.kernels.triton_kernels import fused_auon_step
+
+            stacked_p, stacked_m = torch.stack(params), torch.stack(buffers)
+            fused_auon_step(stacked_p, torch.stack([p.grad for p in params]), stacked_m, beta, step)
+            torch._foreach_copy_(params, list(stacked_p.unbind(0)))
+            torch._foreach_copy_(buffers, list(stacked_m.unbind(0)))
+            return
+        # CPU: AuON needs only per-matrix scalars (the norm and the cosh factor), so multi-tensor
+        # (foreach) operations do it in one call per shape without stacking large temporaries.
+        grads = [p.grad for p in params]
+        torch._foreach_lerp_(buffers, grads, 1 - beta)
+        u = torch._foreach_lerp(grads, buffers, beta) if group["nesterov"] else [b.clone() for b in buffers]
+        norms = torch._foreach_add(torch._foreach_norm(u), EPS)
+        x = torch._foreach_div(u, norms)
+        cosh = torch._foreach_cosh(x)
+        cosh_rms = torch._foreach_div(torch._foreach_norm(cosh), float(m * n) ** 0.5)  # sqrt(mean(cosh^2))
+        torch._foreach_div_(x, cosh_rms)
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_add_(params, x, alpha=-step)
 
 
 class HybridAuON(OrthogonalMomentum):

@@ -26,3 +26,17 @@ def rotate_momentum(optimizer: torch.optim.Optimizer, transitions: dict) -> None
         for key in ("momentum_buffer", "exp_avg"):
             if key in state:
                 state[key].copy_((state[key].to(torch.float64) @ t).to(state[key].dtype))
+
+
+def rotate_saved_state(tensors: dict, a_old: dict, a_new: dict) -> dict:
+    """``rotate_momentum`` for state exported by ``fedortho.optim.state``: every momentum-like
+    entry of a ``...lora_B...`` parameter is multiplied by T = A_old A_new^T of its adapter."""
+    rotated = dict(tensors)
+    for flat, value in tensors.items():
+        key, name = flat.split("::", 1)
+        if key in ("momentum_buffer", "exp_avg") and "lora_B" in name:
+            a_name = name.replace("lora_B", "lora_A")
+            if a_name in a_old and a_name in a_new:
+                t = transition(a_old[a_name], a_new[a_name])
+                rotated[flat] = (value.to(torch.float64) @ t).to(value.dtype)
+    return rotated
