@@ -29,6 +29,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_refactorize.py
+	$(PY) benchmarks/bench_optimizers.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -239,28 +239,17 @@ def test_fused_auon_kernel_equals_the_optimizer_step(monkeypatch):
 
 def test_dp_wrapped_auon_step_equals_hand_made_clip_noise_and_step(tiny_cfg):
     """Opacus wraps the one AuON optimizer: its step = AuON on (sum of clipped grads + noise) / batch."""
+    from dp_reference import clipped_gradient_sum, replayed_noise, training_setup
     from torch.utils.data import DataLoader
 
-    from fedortho import data, privacy
-    from fedortho.lora import adapter_state, set_trainable, trainable_names
+    from fedortho import privacy
     from fedortho.train import _forward_loss
-    from fedortho.worker import build_model
 
-    model = build_model(tiny_cfg)
-    model.train()
-    dataset = data.client_dataset(tiny_cfg, 0, tiny_cfg.clients)
-    names = trainable_names(adapter_state(model), "fedsvd", True)
-    params = set_trainable(model, names)
-    batch = [t[:8] for t in dataset.tensors]
+    model, dataset, names, params, batch = training_setup(tiny_cfg)
     clip, sigma = 0.05, 0.7
-    per_sample = []
-    for i in range(8):
-        model.zero_grad()
-        _forward_loss(model, [t[i:i + 1] for t in batch]).backward()
-        per_sample.append([p.grad.detach().double().clone() for p in params])
-    factors = [min(1.0, clip / float(torch.cat([g.flatten() for g in gs]).norm())) for gs in per_sample]
+
+    clipped, factors = clipped_gradient_sum(model, params, batch, clip)
     assert min(factors) < 1.0
-    clipped = [sum(f * gs[j] for f, gs in zip(factors, per_sample)) for j in range(len(params))]
     reference = [p.detach().clone().requires_grad_() for p in params]
     ref_opt = build_optimizer("auon", list(zip(names, reference)), 0.05)
 
@@ -271,9 +260,7 @@ def test_dp_wrapped_auon_step_equals_hand_made_clip_noise_and_step(tiny_cfg):
     _forward_loss(wrapped, batch).backward()
     dp_opt.step()
     wrapped._close()
-    gen = torch.Generator().manual_seed(5)
-    for ref, summed in zip(reference, clipped):
-        noise = torch.normal(0.0, sigma * clip, size=ref.shape, generator=gen).double()
+    for ref, summed, noise in zip(reference, clipped, replayed_noise(reference, sigma * clip, seed=5)):
         ref.grad = ((summed + noise) / dp_opt.expected_batch_size).to(ref.dtype)
     ref_opt.step()
     for p, ref in zip(params, reference):

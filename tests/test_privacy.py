@@ -4,6 +4,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
+from dp_reference import clipped_gradient_sum, replayed_noise, training_setup
 from fedortho import data, privacy
 from fedortho.lora import adapter_state, trainable_names
 from fedortho.train import train_client
@@ -147,26 +148,13 @@ def test_infinite_epsilon_is_plain_sgd_without_clipping_or_noise(tiny_cfg):
 
 def test_clipping_and_noise_against_a_hand_computed_step(tiny_cfg):
     """One DP-SGD step on a fixed batch equals: clip each per-sample gradient, sum, add noise."""
-    cfg = tiny_cfg
-    model = build_model(cfg)
-    model.train()
-    dataset = data.client_dataset(cfg, 0, cfg.clients)
-    names = trainable_names(adapter_state(model), "fedsvd", True)
-    from fedortho.lora import set_trainable
     from fedortho.train import _forward_loss
 
-    params = set_trainable(model, names)
-    batch = [t[:8] for t in dataset.tensors]
+    model, dataset, names, params, batch = training_setup(tiny_cfg)
     clip, lr, sigma = 0.05, 1.0, 0.7
-    # Reference: per-sample gradients one example at a time, clipped in float64.
-    per_sample = []
-    for i in range(8):
-        model.zero_grad()
-        _forward_loss(model, [t[i:i + 1] for t in batch]).backward()
-        per_sample.append(torch.cat([p.grad.flatten().double() for p in params]))
-    norms = torch.stack([g.norm() for g in per_sample])
-    assert (norms > clip).all()  # the test is only meaningful if clipping binds
-    clipped_sum = sum(g * min(1.0, clip / g.norm().item()) for g in per_sample)
+    sums, factors = clipped_gradient_sum(model, params, batch, clip)
+    assert max(factors) < 1.0  # the test is only meaningful if clipping binds
+    clipped_sum = torch.cat([g.flatten() for g in sums])
     before = torch.cat([p.detach().flatten().double() for p in params])
 
     from torch.utils.data import DataLoader
@@ -182,9 +170,7 @@ def test_clipping_and_noise_against_a_hand_computed_step(tiny_cfg):
     after = torch.cat([p.detach().flatten().double() for p in params])
     expected_batch = dp_opt.expected_batch_size
     # Noise replayed from the same generator, in parameter order, as std * N(0, 1).
-    gen = torch.Generator().manual_seed(5)
-    noise = torch.cat([torch.normal(0.0, sigma * clip, size=p.shape, generator=gen).flatten().double()
-                       for p in params])
+    noise = torch.cat([n.flatten() for n in replayed_noise(params, sigma * clip, seed=5)])
     expected = before - lr * (clipped_sum + noise) / expected_batch
     assert torch.allclose(after, expected, atol=1e-6)
     # And the noise is really there: without it the step would be far from what happened.

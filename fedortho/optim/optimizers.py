@@ -79,15 +79,19 @@ class OrthogonalMomentum(torch.optim.Optimizer):
                     self._orthogonal_update(same_shape[start:start + size], group)
         return loss
 
-    def _orthogonal_update(self, params: list[torch.Tensor], group: dict) -> None:
-        beta, lr = group["momentum"], group["lr"]
-        grads = [p.grad for p in params]
+    def _momentum_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         buffers = []
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             buffers.append(state["momentum_buffer"])
+        return buffers
+
+    def _orthogonal_update(self, params: list[torch.Tensor], group: dict) -> None:
+        beta, lr = group["momentum"], group["lr"]
+        grads = [p.grad for p in params]
+        buffers = self._momentum_buffers(params)
         torch._foreach_lerp_(buffers, grads, 1 - beta)  # M <- beta M + (1 - beta) G
         u = torch.stack(grads).lerp_(torch.stack(buffers), beta) if group["nesterov"] else torch.stack(buffers)
         direction = self.direction(u, params, group)
@@ -136,12 +140,7 @@ class AuON(OrthogonalMomentum):
 
     def _orthogonal_update(self, params, group):
         beta, lr = group["momentum"], group["lr"]
-        buffers = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buffers.append(state["momentum_buffer"])
+        buffers = self._momentum_buffers(params)
         m, n = params[0].shape
         step = lr * shape_scale(m, n)
         fusable = (kernels.use_triton(params[0]) and group["nesterov"] and not group["weight_decay"]
