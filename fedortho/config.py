@@ -38,6 +38,7 @@ class RunConfig:
     optimizer: str = field(default="sgd", metadata={"help": "sgd | adamw | auon | hybrid-auon | muon | normuon"})
     optimizer_state: str = field(default="reset", metadata={"help": "reset | keep: the client's optimizer state across rounds"})
     lr: float = field(default=0.0, metadata={"help": "client learning rate (0: the optimizer's default, sgd 0.5)"})
+    head_lr: float = field(default=0.0, metadata={"help": "orthogonal optimizers: SGD rate of the head (0: 0.5)"})
     # privacy
     epsilon: float = field(default=6.0, metadata={"help": "target epsilon per client for the whole run (inf: no DP)"})
     delta: float = field(default=1e-5, metadata={"help": "target delta"})
@@ -117,6 +118,7 @@ class RunConfig:
         need(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
         need(self.clip > 0 and math.isfinite(self.clip), f"clip must be a positive number, got {self.clip}")
         need(self.lr >= 0 and math.isfinite(self.lr), f"lr must be >= 0 (0: the optimizer's default), got {self.lr}")
+        need(self.head_lr >= 0 and math.isfinite(self.head_lr), f"head-lr must be >= 0, got {self.head_lr}")
         need(0 < self.test_fraction < 1, f"test-fraction must be in (0, 1), got {self.test_fraction}")
         need(self.dirichlet_alpha > 0, f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
         need(self.max_train_examples >= 0 and self.max_test_examples >= 0, "max-train/test-examples must be >= 0")

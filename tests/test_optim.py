@@ -113,13 +113,14 @@ def test_auon_cosh_factor_is_close_to_one():
         assert 1.0 < float(r) < 1.0 + 1e-2
 
 
-def test_non_matrix_parameters_use_adamw_in_the_same_optimizer():
+def test_non_matrix_parameters_use_adamw_or_sgd_in_the_same_optimizer():
     w = torch.nn.Parameter(torch.randn(20, 4, dtype=torch.float64))
     bias = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
     head = torch.nn.Parameter(torch.randn(2, 20, dtype=torch.float64))
-    opt = build_optimizer("auon", [("x.lora_B.weight", w), ("classifier.bias", bias), ("classifier.weight", head)], 0.1)
+    opt = AuON([{"params": [w], "orthogonal": True}, {"params": [bias, head], "orthogonal": False}],
+               lr=0.1, other="adamw", other_lr=3e-3)
     ref = torch.optim.AdamW([bias.detach().clone().requires_grad_(), head.detach().clone().requires_grad_()],
-                            lr=opt.param_groups[1]["adamw_lr"], weight_decay=0.0)
+                            lr=3e-3, weight_decay=0.0)
     for _ in range(3):
         grads = [torch.randn_like(t) for t in (w, bias, head)]
         for t, gr in zip((w, bias, head), grads):
@@ -131,6 +132,12 @@ def test_non_matrix_parameters_use_adamw_in_the_same_optimizer():
     assert torch.allclose(bias, ref.param_groups[0]["params"][0], atol=1e-12)
     assert torch.allclose(head, ref.param_groups[0]["params"][1], atol=1e-12)
     assert "momentum_buffer" in opt.state[w] and "exp_avg" in opt.state[head]
+    # The builder's default: the head by plain SGD at SGD's default rate.
+    opt = build_optimizer("muon", [("x.lora_B.weight", w), ("classifier.weight", head)])
+    before, grad = head.detach().clone(), torch.randn_like(head)
+    w.grad, head.grad = torch.randn_like(w), grad
+    opt.step()
+    assert torch.allclose(head, before - 0.5 * grad, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", list(CLASSES))
@@ -275,7 +282,7 @@ def test_a_tiny_federation_learns_with_each_optimizer(tiny_cfg, name):
     from fedortho.train import evaluate
     from fedortho.worker import ClientWork, build_model, run_client_round
 
-    cfg = tiny_cfg.replace(optimizer=name, epsilon=math.inf, local_steps=4, batch_size=32)
+    cfg = tiny_cfg.replace(optimizer=name, epsilon=math.inf, local_steps=4, batch_size=32, head_lr=0.05)
     model = build_model(cfg)
     state = adapter_state(model)
     train = data.train_tensors(cfg)

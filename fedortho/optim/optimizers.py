@@ -2,7 +2,8 @@
 
 Matrix parameters get momentum (0.95, Nesterov) and an orthogonalized direction; every other
 trainable parameter (bias, LayerNorm, a classification head put in a non-orthogonal group)
-gets AdamW inside the same optimizer, so that Opacus wraps exactly one optimizer.
+gets AdamW or plain SGD (``other``) inside the same optimizer, so that Opacus wraps exactly
+one optimizer.
 
 The hot path is batched: matrices of one shape are stacked and updated by one call of the
 direction function (on CUDA, all of them, by Triton kernels: ``fedortho.optim.kernels``; on
@@ -23,20 +24,22 @@ from fedortho.optim.orthogonal import EPS, shape_scale
 class OrthogonalMomentum(torch.optim.Optimizer):
     """Base class: subclasses define ``direction(u, params)`` for a stack ``u: (k, m, n)``.
 
-    Param groups may set ``orthogonal``: True (all matrices), False (AdamW for all) or None
-    (the default: 2-D parameters orthogonal, others AdamW).
+    Param groups may set ``orthogonal``: True (all matrices), False (``other`` for all) or None
+    (the default: 2-D parameters orthogonal, the rest ``other``: "adamw" or "sgd", at ``other_lr``).
     """
 
     default_lr = 0.02
 
     def __init__(self, params, lr: float | None = None, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, adamw_lr: float = 1e-3, adamw_betas: tuple[float, float] = (0.9, 0.999),
-                 adamw_eps: float = 1e-8, batched: bool = True) -> None:
+                 weight_decay: float = 0.0, other: str = "adamw", other_lr: float = 1e-3,
+                 adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
+                 batched: bool = True) -> None:
         lr = self.default_lr if lr is None else lr
-        if lr <= 0 or adamw_lr <= 0 or not 0 <= momentum < 1:
-            raise ValueError(f"{type(self).__name__}: need lr > 0, adamw_lr > 0 and 0 <= momentum < 1")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, adamw_lr=adamw_lr,
-                        adamw_betas=adamw_betas, adamw_eps=adamw_eps, orthogonal=None)
+        if lr <= 0 or other_lr <= 0 or not 0 <= momentum < 1 or other not in ("adamw", "sgd"):
+            raise ValueError(f"{type(self).__name__}: need lr > 0, other_lr > 0, 0 <= momentum < 1 "
+                             "and other in ('adamw', 'sgd')")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, other=other,
+                        other_lr=other_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps, orthogonal=None)
         super().__init__(params, defaults)
         self.batched = batched
 
@@ -69,7 +72,11 @@ class OrthogonalMomentum(torch.optim.Optimizer):
                 if orthogonal and p.ndim != 2:
                     raise ValueError(f"{type(self).__name__}: an orthogonal group holds a {p.ndim}-D parameter")
                 (matrices if orthogonal else others).append(p)
-            self._adamw(others, group)
+            if group["other"] == "sgd":
+                for p in others:
+                    p.add_(p.grad, alpha=-group["other_lr"])
+            else:
+                self._adamw(others, group)
             by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
             for p in matrices:
                 by_shape[(tuple(p.shape), p.dtype, p.device)].append(p)
@@ -102,7 +109,7 @@ class OrthogonalMomentum(torch.optim.Optimizer):
 
     def _adamw(self, params: list[torch.Tensor], group: dict) -> None:
         beta1, beta2 = group["adamw_betas"]
-        lr, eps = group["adamw_lr"], group["adamw_eps"]
+        lr, eps = group["other_lr"], group["adamw_eps"]
         for p in params:
             state = self.state[p]
             if "exp_avg" not in state:
