@@ -95,11 +95,11 @@ def _stop_cleanly_on_signals() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedortho", description="Private federated fine-tuning with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run a Flower simulation (default: private FedSVD on the embedded model)",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sim = sub.add_parser("simulate", help="run a Flower simulation (default: private FedSVD on the embedded model)")
     _add_config_options(sim)
     sim.add_argument("--client-cpus", type=float, default=1.0,
-                     help="CPUs per simulated client (Ray resources): clients run in parallel on the free cores")
+                     help="CPUs per simulated client (Ray resources): clients run in parallel on the free cores "
+                          "(default: 1)")
     sim.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (default: start one)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own log lines")
     sub.add_parser("config", help="print the default run config as TOML ([tool.flwr.app.config])")
