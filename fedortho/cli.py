@@ -103,8 +103,22 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (default: start one)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own log lines")
     sub.add_parser("config", help="print the default run config as TOML ([tool.flwr.app.config])")
+    sw = sub.add_parser("sweep", help="run a grid of simulations from a TOML file, resumably")
+    sw.add_argument("file", help="sweep file, e.g. experiments/privacy.toml")
+    sw.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
+    sw.add_argument("--parallel", type=int, default=1, help="cells run at once (default: 1)")
+    sw.add_argument("--out", default=None, help="results folder (default: the file's [sweep] out)")
+    rp = sub.add_parser("report", help="results table (Markdown, CSV) and plots of a sweep folder")
+    rp.add_argument("folder", help="a sweep's results folder")
     args = parser.parse_args(argv)
     try:
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "report":
+            from fedortho.report import report
+
+            report(args.folder)
+            return 0
         if args.command == "config":
             for key, value in RunConfig().to_dict(hyphenated=True).items():
                 print(f"{key} = {_toml(value)}")
@@ -113,13 +127,33 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfg)
         simulate(cfg, args.client_cpus, args.ray_address, args.verbose)
         return 0
-    except (ConfigError, DataError, ModelLoadError) as exc:
+    except (ConfigError, DataError, ModelLoadError, FileNotFoundError) as exc:
         print(f"fedortho: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # run_simulation wraps what the ServerApp raised
         cause = exc.__cause__ or exc
         print(f"fedortho: error: the simulation stopped: {type(cause).__name__}: {cause}", file=sys.stderr)
         return 1
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedortho.sweep import cell_status, load_sweep, run_sweep
+
+    sweep = load_sweep(args.file)
+    if args.out:
+        sweep.out = Path(args.out)
+    cells = sweep.cells()
+    if args.dry_run:
+        print(f"sweep {sweep.name}: {len(cells)} cells -> {sweep.out}")
+        for cell in cells:
+            print(f"  {cell_status(sweep.out / cell.name) or 'todo':<7} {cell.name}")
+        return 0
+    counts = run_sweep(sweep, parallel=args.parallel)
+    print(f"sweep {sweep.name}: {counts['ran']} ran, {counts['failed']} failed, "
+          f"{counts['done-before']} were already done; `fedortho report {sweep.out}` for the table")
+    return 1 if counts["failed"] else 0
 
 
 def _toml(value) -> str:

@@ -48,6 +48,7 @@ class RunConfig:
     pooling: str = field(default="mean", metadata={"help": "mean (masked mean of hidden states, BERT) | model (the architecture's own head)"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (scale alpha/r)"})
+    init_a: str = field(default="kaiming", metadata={"help": "A at round 0: kaiming (PEFT's) | orthonormal (its rows orthonormalized)"})
     lora_targets: str = field(default="query,value", metadata={"help": "comma-separated module names"})
     train_head: bool = field(default=True, metadata={"help": "train (and aggregate) the classification head"})
     # data
@@ -108,6 +109,7 @@ class RunConfig:
              f"eval-precision must be bfloat16 or float32, got '{self.eval_precision}'")
         need(self.optimizer_state in ("reset", "keep"),
              f"optimizer-state must be reset or keep, got '{self.optimizer_state}'")
+        need(self.init_a in ("kaiming", "orthonormal"), f"init-a must be kaiming or orthonormal, got '{self.init_a}'")
         need(self.pooling in ("mean", "model"), f"pooling must be mean or model, got '{self.pooling}'")
         need(self.partitioning in PARTITIONINGS, f"partitioning must be one of {', '.join(PARTITIONINGS)}, got '{self.partitioning}'")
         for name in ("rounds", "clients", "clients_per_round", "svd_period", "local_steps", "batch_size", "lora_r", "max_length"):

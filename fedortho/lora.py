@@ -37,6 +37,9 @@ def attach_lora(base: torch.nn.Module, cfg: RunConfig, seed: int) -> torch.nn.Mo
     for name, a in state.items():  # FedSVD needs r orthonormal rows: r <= min(in, out)
         if "lora_A" in name and cfg.lora_r > min(a.shape[1], state[name.replace("lora_A", "lora_B")].shape[0]):
             raise ConfigError(f"lora-r {cfg.lora_r} exceeds the dimensions of '{name.rsplit('.lora_A', 1)[0]}'")
+    if cfg.init_a == "orthonormal":  # same row space, orthonormal rows (FedSVD's A after a round)
+        load_adapter_state(model, {k: torch.linalg.qr(v.double().T)[0].T.to(v.dtype).contiguous()
+                                   for k, v in state.items() if "lora_A" in k})
     model.eval()  # training switches to train mode (the base model's dropout) and back
     return model
 

@@ -35,7 +35,7 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
 
 
 def shared_model(cfg: RunConfig) -> torch.nn.Module:
-    key = (cfg.model, cfg.pooling, cfg.dataset, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    key = (cfg.model, cfg.pooling, cfg.init_a, cfg.dataset, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     if key not in _MODELS:
         _MODELS.clear()  # one model per process: a new configuration replaces the old one
         _MODELS[key] = build_model(cfg)

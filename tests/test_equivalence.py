@@ -27,9 +27,13 @@ def products(state):
 
 
 def test_fedsvd_equals_ffa_from_orthonormal_a0_under_sgd(tiny_cfg):
-    cfg = tiny_cfg.replace(epsilon=math.inf, optimizer="sgd", lr=0.5, local_steps=2)
+    cfg = tiny_cfg.replace(epsilon=math.inf, optimizer="sgd", lr=0.5, local_steps=2, init_a="orthonormal")
     start = adapter_state(build_model(cfg))
-    start = {k: orthonormalize_rows(v) if "lora_A" in k else v for k, v in start.items()}
+    raw = adapter_state(build_model(cfg.replace(init_a="kaiming")))
+    for k in start:
+        if "lora_A" in k:  # init-a=orthonormal: orthonormal rows spanning PEFT's initial A
+            assert torch.allclose(start[k] @ start[k].T, torch.eye(start[k].shape[0]), atol=1e-5)
+            assert torch.allclose(orthonormalize_rows(raw[k]), start[k], atol=1e-5)
     svd = run_rounds(cfg.replace(strategy="fedsvd"), start, rounds=3)
     ffa = run_rounds(cfg.replace(strategy="ffa"), start, rounds=3)
     p_svd, p_ffa = products(svd), products(ffa)

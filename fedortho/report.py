@@ -1,0 +1,168 @@
+"""``fedortho report <sweep-dir>``: one results table (Markdown and CSV) and plots.
+
+Cells that differ only in ``seed`` form a group; each row shows mean ± std over its seeds
+(sample standard deviation; 0 for a single seed) of the final and best test accuracy, the
+epsilon spent and the wall time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedortho.sweep import RUN, cell_status
+
+METRICS = (("final accuracy", "final-accuracy", 4), ("best accuracy", "best-accuracy", 4),
+           ("epsilon spent", "epsilon-spent", 2), ("wall time (s)", "wall-seconds", 0))
+
+
+@dataclass
+class Group:
+    values: dict[str, Any]
+    summaries: list[dict] = field(default_factory=list)
+    curves: list[list[dict]] = field(default_factory=list)
+
+
+def _number(value: Any) -> float:
+    return float(value)  # summary.json writes infinities as the string "inf"
+
+
+def load_cells(sweep_dir: Path) -> tuple[list[Group], list[tuple[str, str]]]:
+    groups: dict[str, Group] = {}
+    failed = []
+    for folder in sorted(p for p in sweep_dir.iterdir() if (p / "cell.json").is_file()):
+        status = cell_status(folder)
+        if status != "done":
+            if status == "failed":
+                failed.append((folder.name, json.loads((folder / "status.json").read_text()).get("error", "")))
+            continue
+        values = json.loads((folder / "cell.json").read_text())["values"]
+        key_values = {k: v for k, v in values.items() if k != "seed"}
+        key = json.dumps(key_values, sort_keys=True, default=str)
+        group = groups.setdefault(key, Group(key_values))
+        group.summaries.append(json.loads((folder / RUN / "summary.json").read_text()))
+        group.curves.append([json.loads(line) for line in (folder / RUN / "metrics.jsonl").read_text().splitlines()])
+    return list(groups.values()), failed
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if any(math.isinf(v) for v in values):
+        return math.inf, 0.0
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(mean: float, std: float, digits: int) -> str:
+    if math.isinf(mean):
+        return "inf"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _cell_text(value: Any) -> str:
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:g}"
+    return str(value)
+
+
+def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
+    keys = list(groups[0].values) if groups else []
+    header = keys + ["seeds"] + [name for name, _, _ in METRICS]
+    rows = []
+    for group in groups:
+        row = [_cell_text(group.values[k]) for k in keys] + [str(len(group.summaries))]
+        for _, key, digits in METRICS:
+            row.append(_fmt(*_mean_std([_number(s[key]) for s in group.summaries]), digits))
+        rows.append(row)
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _epsilon_position(eps: float, finite: list[float]) -> float:
+    return max(finite, default=0.0) * 1.5 + 1.0 if math.isinf(eps) else eps
+
+
+def plot(groups: list[Group], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    label_keys = [k for k in (groups[0].values if groups else {}) if k != "epsilon"]
+
+    def label(g: Group, keys) -> str:
+        return ", ".join(f"{k}={_cell_text(g.values[k])}" for k in keys) or "all"
+
+    if groups and "epsilon" in groups[0].values:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        finite = sorted({float(g.values["epsilon"]) for g in groups if math.isfinite(float(g.values["epsilon"]))})
+        series: dict[str, list] = {}
+        for g in groups:
+            mean, std = _mean_std([_number(s["final-accuracy"]) for s in g.summaries])
+            series.setdefault(label(g, label_keys), []).append(
+                (_epsilon_position(float(g.values["epsilon"]), finite), mean, std))
+        for name, points in series.items():
+            xs, ms, ss = zip(*sorted(points))
+            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=name)
+        ticks = finite + ([_epsilon_position(math.inf, finite)] if any(
+            math.isinf(float(g.values["epsilon"])) for g in groups) else [])
+        ax.set_xticks(ticks, [f"{t:g}" for t in finite] + (["inf"] if len(ticks) > len(finite) else []))
+        ax.set_xlabel("epsilon")
+        ax.set_ylabel("final test accuracy (mean ± std over seeds)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / "accuracy_vs_epsilon.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    for metric, ylabel, name in (("test-accuracy", "test accuracy", "accuracy_vs_round.png"),
+                                 ("epsilon", "epsilon spent (max over clients)", "epsilon_vs_round.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for g in groups:
+            by_round: dict[int, list[float]] = {}
+            for curve in g.curves:
+                for row in curve:
+                    value = row.get(metric)
+                    if value is not None and not isinstance(value, str) and math.isfinite(value):
+                        by_round.setdefault(row["round"], []).append(value)
+            if by_round:
+                rounds = sorted(by_round)
+                ax.plot(rounds, [statistics.fmean(by_round[r]) for r in rounds], marker=".",
+                        label=label(g, list(g.values)))
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def report(sweep_dir: str | Path, echo=print) -> str:
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"no sweep folder {sweep_dir}")
+    groups, failed = load_cells(sweep_dir)
+    header, rows = table_rows(groups)
+    text = markdown(header, rows) if rows else "No finished cells yet.\n"
+    if failed:
+        text += "\nFailed cells:\n\n" + "".join(f"- {name}: {error}\n" for name, error in failed)
+    (sweep_dir / "results.md").write_text(text)
+    with open(sweep_dir / "results.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    if groups:
+        plot(groups, sweep_dir)
+    echo(text.rstrip())
+    return text

@@ -1,0 +1,182 @@
+"""Declarative sweeps: a TOML grid of run settings expanded into cells, run resumably.
+
+    [sweep]
+    name = "privacy"              # results go to experiments/results/<name> unless out = "..."
+    [base]                        # settings shared by every cell (any run-config key)
+    rounds = 8
+    [grid]                        # one cell per combination
+    strategy = ["fedavg", "ffa", "fedsvd"]
+    epsilon = [3.0, 6.0, inf]
+    seed = [0, 1, 2]
+
+Each cell runs ``fedortho simulate`` (the same code path) in its own process and folder
+``<out>/<cell>/``. A cell is finished when its ``status.json`` says ``done``: finished cells
+are never rerun or overwritten. A cell killed in flight left no ``done`` status and runs again
+from scratch on the next ``fedortho sweep``; a failing cell records its error and the others
+go on (it is retried on the next call).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from fedortho.config import ConfigError, RunConfig
+
+STATUS = "status.json"
+RUN = "run"
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str                  # folder name, from the grid values
+    values: dict[str, Any]     # the grid values of this cell
+    settings: dict[str, Any]   # base + values: the whole run config of the cell
+
+
+@dataclass
+class Sweep:
+    name: str
+    out: Path
+    base: dict[str, Any]
+    grid: dict[str, list]
+
+    def cells(self) -> list[Cell]:
+        keys = list(self.grid)
+        cells = []
+        for combo in itertools.product(*(self.grid[k] for k in keys)):
+            values = dict(zip(keys, combo))
+            settings = {**self.base, **values}
+            RunConfig.from_mapping(settings)  # every cell must be a valid run: fail before running any
+            cells.append(Cell(cell_name(values), values, settings))
+        return cells
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:g}"
+    return str(value)
+
+
+def cell_name(values: dict[str, Any]) -> str:
+    return "_".join(f"{k}-{_value_text(v)}".replace("/", "-") for k, v in values.items())
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    path = Path(path)
+    try:
+        spec = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read sweep file {path}: {exc}") from None
+    unknown = set(spec) - {"sweep", "base", "grid"}
+    if unknown:
+        raise ConfigError(f"sweep file {path}: unknown tables {sorted(unknown)} (use [sweep], [base], [grid])")
+    meta, base, grid = spec.get("sweep", {}), spec.get("base", {}), spec.get("grid", {})
+    if not grid:
+        raise ConfigError(f"sweep file {path}: [grid] is empty")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep file {path}: grid key '{key}' needs a non-empty list")
+        if key in base:
+            raise ConfigError(f"sweep file {path}: '{key}' is in both [base] and [grid]")
+    if "out" in base or "out" in grid:
+        raise ConfigError(f"sweep file {path}: 'out' is set per cell by the sweep")
+    name = str(meta.get("name", path.stem))
+    out = Path(meta.get("out", Path("experiments") / "results" / name))
+    return Sweep(name=name, out=out, base=dict(base), grid={k: list(v) for k, v in grid.items()})
+
+
+def cell_status(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / STATUS).read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _cli_value(value: Any) -> str:
+    """A setting as a ``fedortho simulate`` option value (RunConfig parses it back)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)  # floats print as Python reads them, infinities as "inf"
+
+
+def simulate_cell(cell: Cell, folder: Path, extra_args: list[str]) -> None:
+    """Run one cell through ``fedortho simulate`` in a fresh process; raise on failure."""
+    args = [sys.executable, "-m", "fedortho.cli", "simulate", "--out", str(folder / RUN), *extra_args]
+    for key, value in cell.settings.items():
+        args += [f"--{key.replace('_', '-')}", _cli_value(value)]
+    with open(folder / "log.txt", "w") as log:
+        proc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        lines = (folder / "log.txt").read_text().strip().splitlines()
+        errors = [line for line in lines if "error" in line.lower()]
+        raise RuntimeError((errors or lines or [f"exit code {proc.returncode}"])[-1])
+
+
+def run_sweep(sweep: Sweep, parallel: int = 1, run_cell: Callable[[Cell, Path], None] | None = None,
+              echo: Callable[[str], None] = print) -> dict[str, int]:
+    """Run every unfinished cell; returns counts of cells done before, run now, failed."""
+    run_cell = run_cell or (lambda cell, folder: simulate_cell(cell, folder, []))
+    cells = sweep.cells()
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    (sweep.out / "sweep.json").write_text(json.dumps(
+        {"name": sweep.name, "base": sweep.base, "grid": sweep.grid}, indent=2, default=str) + "\n")
+    todo = [c for c in cells if cell_status(sweep.out / c.name) != "done"]
+    counts = {"cells": len(cells), "done-before": len(cells) - len(todo), "ran": 0, "failed": 0}
+    echo(f"sweep {sweep.name}: {len(cells)} cells, {counts['done-before']} already done, {len(todo)} to run")
+    started = time.time()
+
+    def attempt(cell: Cell) -> None:
+        folder = sweep.out / cell.name
+        if folder.exists():
+            shutil.rmtree(folder)  # an unfinished or failed attempt: it holds nothing finished
+        folder.mkdir(parents=True)
+        (folder / "cell.json").write_text(json.dumps({"values": cell.values, "settings": cell.settings},
+                                                     indent=2, default=str) + "\n")
+        try:
+            run_cell(cell, folder)
+        except Exception as exc:  # recorded; the other cells go on
+            (folder / STATUS).write_text(json.dumps({"status": "failed", "error": str(exc)}) + "\n")
+            raise
+        (folder / STATUS).write_text(json.dumps({"status": "done"}) + "\n")
+
+    finished = 0
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        pending: dict[Future, Cell] = {}
+        queue = list(todo)
+        while queue or pending:
+            while queue and len(pending) < max(1, parallel):
+                cell = queue.pop(0)
+                pending[pool.submit(attempt, cell)] = cell
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                cell = pending.pop(future)
+                finished += 1
+                error = future.exception()
+                if error is not None:
+                    if isinstance(error, KeyboardInterrupt):
+                        raise error
+                    counts["failed"] += 1
+                    echo(f"  cell {cell.name} failed: {error}")
+                else:
+                    counts["ran"] += 1
+                elapsed = time.time() - started
+                eta = elapsed / finished * (len(todo) - finished)
+                echo(f"  [{_bar(finished, len(todo))}] {finished}/{len(todo)} cells  "
+                     f"elapsed {elapsed / 60:.1f} min  ETA {eta / 60:.1f} min  ({cell.name})")
+    return counts
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = int(width * done / max(1, total))
+    return "#" * filled + "." * (width - filled)

@@ -1,0 +1,184 @@
+"""Sweeps: grid expansion, resuming after a kill, failed cells, and the report table."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from fedortho.config import ConfigError
+from fedortho.report import report
+from fedortho.sweep import Sweep, cell_status, load_sweep, run_sweep
+
+GRID_TOML = """
+[sweep]
+name = "demo"
+[base]
+rounds = 2
+clients = 3
+clients-per-round = 3
+[grid]
+strategy = ["ffa", "fedsvd"]
+epsilon = [6.0, inf]
+seed = [0, 1, 2]
+"""
+
+
+def write(tmp_path, text, name="grid.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_shipped_sweeps_expand_into_valid_runs():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml"))
+    assert {f.stem for f in files} >= {"privacy", "optimizers", "equivalence"}
+    sizes = {f.stem: len(load_sweep(f).cells()) for f in files}
+    assert sizes["privacy"] == 27  # 3 strategies x 3 epsilons x 3 seeds
+
+
+def test_grid_expands_to_every_combination(tmp_path):
+    sweep = load_sweep(write(tmp_path, GRID_TOML))
+    cells = sweep.cells()
+    assert len(cells) == 2 * 2 * 3
+    assert len({c.name for c in cells}) == 12
+    first = cells[0]
+    assert first.name == "strategy-ffa_epsilon-6_seed-0"
+    assert first.settings == {"rounds": 2, "clients": 3, "clients-per-round": 3, "strategy": "ffa",
+                              "epsilon": 6.0, "seed": 0}
+    assert any(c.values["epsilon"] == math.inf and c.name.endswith("epsilon-inf_seed-2") for c in cells)
+    assert str(sweep.out).endswith("experiments/results/demo")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[grid]\nstrategy = ['fedprox']\n", "strategy must be one of"),
+    ("[grid]\n", "empty"),
+    ("[base]\nseed = 1\n[grid]\nseed = [1, 2]\n", "both"),
+    ("[grid]\nseed = 3\n", "non-empty list"),
+    ("[grid\n", "cannot read"),
+    ("[grids]\nseed = [1]\n", "unknown tables"),
+])
+def test_bad_sweep_files_fail_before_any_cell_runs(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(write(tmp_path, text)).cells()
+
+
+def fake_cell(cell, folder, accuracy=None):
+    """What a finished `fedortho simulate` leaves: a run folder with summary and metrics."""
+    run = folder / "run"
+    run.mkdir()
+    acc = accuracy if accuracy is not None else 0.5 + 0.01 * cell.values.get("seed", 0)
+    eps = cell.settings.get("epsilon", 6.0)
+    (run / "summary.json").write_text(json.dumps({
+        "final-accuracy": acc, "best-accuracy": acc + 0.01, "epsilon-spent": "inf" if math.isinf(eps) else eps,
+        "wall-seconds": 10.0 + cell.values.get("seed", 0)}))
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"round": 0, "test-accuracy": 0.5, "test-loss": 0.7},
+        {"round": 1, "test-accuracy": acc, "test-loss": 0.6, "epsilon": eps if math.isfinite(eps) else "inf"})))
+
+
+def small_sweep(tmp_path):
+    return Sweep(name="t", out=tmp_path / "out", base={"rounds": 1},
+                 grid={"epsilon": [3.0, 6.0, math.inf], "seed": [0, 1]})
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_cells(tmp_path):
+    sweep = small_sweep(tmp_path)
+    ran = []
+
+    def killed_at_third(cell, folder):
+        if len(ran) == 2:
+            (folder / "run").mkdir()
+            (folder / "run" / "metrics.jsonl").write_text('{"round": 0}\n')  # half-written
+            raise KeyboardInterrupt
+        fake_cell(cell, folder)
+        ran.append(cell.name)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, run_cell=killed_at_third, echo=lambda _: None)
+    done = [c.name for c in sweep.cells() if cell_status(sweep.out / c.name) == "done"]
+    assert done == ran and len(done) == 2
+    before = {name: (sweep.out / name / "run" / "summary.json").read_text() for name in done}
+
+    rerun = []
+    counts = run_sweep(sweep, run_cell=lambda cell, folder: (rerun.append(cell.name), fake_cell(cell, folder)),
+                       echo=lambda _: None)
+    assert counts == {"cells": 6, "done-before": 2, "ran": 4, "failed": 0}
+    assert not set(rerun) & set(done)  # nothing finished ran again
+    assert all((sweep.out / n / "run" / "summary.json").read_text() == before[n] for n in done)
+    assert all(cell_status(sweep.out / c.name) == "done" for c in sweep.cells())
+    assert run_sweep(sweep, run_cell=lambda *_: pytest.fail("ran a finished cell"),
+                     echo=lambda _: None)["ran"] == 0
+
+
+def test_a_failing_cell_is_recorded_and_the_others_go_on(tmp_path):
+    sweep = small_sweep(tmp_path)
+
+    def flaky(cell, folder):
+        if cell.values["epsilon"] == 3.0 and cell.values["seed"] == 1:
+            raise RuntimeError("fedortho: error: something broke")
+        fake_cell(cell, folder)
+
+    lines = []
+    counts = run_sweep(sweep, parallel=2, run_cell=flaky, echo=lines.append)
+    assert counts["failed"] == 1 and counts["ran"] == 5
+    status = json.loads((sweep.out / "epsilon-3_seed-1" / "status.json").read_text())
+    assert status == {"status": "failed", "error": "fedortho: error: something broke"}
+    assert any("failed" in line for line in lines) and any("ETA" in line for line in lines)
+    text = report(sweep.out, echo=lambda _: None)
+    assert "- epsilon-3_seed-1: fedortho: error: something broke" in text
+
+
+def test_report_gives_the_expected_table(tmp_path):
+    sweep = small_sweep(tmp_path)
+    accuracy = {("3", 0): 0.60, ("3", 1): 0.64, ("6", 0): 0.70, ("6", 1): 0.70, ("inf", 0): 0.80, ("inf", 1): 0.90}
+
+    def cell(c, folder):
+        eps = "inf" if math.isinf(c.values["epsilon"]) else f"{c.values['epsilon']:g}"
+        fake_cell(c, folder, accuracy[(eps, c.values["seed"])])
+
+    run_sweep(sweep, run_cell=cell, echo=lambda _: None)
+    text = report(sweep.out, echo=lambda _: None)
+    assert text == (
+        "| epsilon | seeds | final accuracy | best accuracy | epsilon spent | wall time (s) |\n"
+        "|---|---|---|---|---|---|\n"
+        "| 3 | 2 | 0.6200 ± 0.0283 | 0.6300 ± 0.0283 | 3.00 ± 0.00 | 10 ± 1 |\n"
+        "| 6 | 2 | 0.7000 ± 0.0000 | 0.7100 ± 0.0000 | 6.00 ± 0.00 | 10 ± 1 |\n"
+        "| inf | 2 | 0.8500 ± 0.0707 | 0.8600 ± 0.0707 | inf | 10 ± 1 |\n")
+    csv_lines = (sweep.out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epsilon,seeds,final accuracy") and len(csv_lines) == 4
+    for name in ("accuracy_vs_epsilon.png", "accuracy_vs_round.png", "epsilon_vs_round.png"):
+        assert (sweep.out / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_real_sweep_through_the_cli(tmp_path, tiny_model_dir):
+    path = write(tmp_path, f"""
+[sweep]
+name = "tiny"
+out = "{tmp_path / 'results'}"
+[base]
+model = "{tiny_model_dir}"
+rounds = 1
+clients = 3
+clients-per-round = 3
+local-steps = 1
+batch-size = 16
+max-train-examples = 240
+max-test-examples = 64
+[grid]
+epsilon = [6.0, inf]
+""")
+    cli = [sys.executable, "-m", "fedortho.cli"]
+    proc = subprocess.run(cli + ["sweep", str(path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "2/2 cells" in proc.stdout
+    again = subprocess.run(cli + ["sweep", str(path), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert again.stdout.count("done") == 2
+    proc = subprocess.run(cli + ["report", str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.count("\n| ") == 2  # header separator aside: 2 rows
+    rows = (tmp_path / "results" / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[2].startswith("inf,1,")
