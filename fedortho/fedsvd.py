@@ -125,8 +125,8 @@ def aggregate(
     weights: Sequence[float],
     server_round: int,
     svd_period: int = 1,
-) -> tuple[Tensors, bool]:
-    """One server step. Returns the new global adapter state and whether any A changed.
+) -> Tensors:
+    """One server step: the new global adapter state.
 
     ``updates`` hold only the trained tensors (B and the head; A as well for ``fedavg``);
     every other tensor keeps its global value. Each is averaged weighted by ``weights``.
@@ -146,8 +146,6 @@ def aggregate(
     new = dict(global_state)
     for k in keys:
         new[k] = weighted_mean([u[k] for u in updates], weights)
-    a_changed = strategy == "fedavg"
     if strategy == "fedsvd" and server_round % svd_period == 0:
         new = refactorize_all(new)
-        a_changed = True
-    return new, a_changed
+    return new

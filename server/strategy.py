@@ -173,8 +173,8 @@ class LoRAStrategy(FedAvg):
         if not accepted:
             logger.warning("round %d: no usable client update; the global adapter is unchanged", server_round)
             return None, MetricRecord(metrics)
-        new_state, _ = aggregate(self.cfg.strategy, self._global, [u for _, u, _ in accepted],
-                                 [w for _, _, w in accepted], server_round, self.cfg.svd_period)
+        new_state = aggregate(self.cfg.strategy, self._global, [u for _, u, _ in accepted],
+                             [w for _, _, w in accepted], server_round, self.cfg.svd_period)
         held = protocol.held_names(new_state, self.cfg.strategy, self.cfg.train_head)
         if any(not torch.equal(new_state[k], self._global[k]) for k in held):
             self.held_version += 1

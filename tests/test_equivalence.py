@@ -17,8 +17,8 @@ def orthonormalize_rows(a: torch.Tensor) -> torch.Tensor:
 def run_rounds(cfg, state, rounds):
     for rnd in range(1, rounds + 1):
         results = [run_client_round(ClientWork(cfg, pid, cfg.clients, rnd, state)) for pid in range(cfg.clients)]
-        state, _ = aggregate(cfg.strategy, state, [r.update for r in results], [r.num_examples for r in results],
-                             rnd, cfg.svd_period)
+        state = aggregate(cfg.strategy, state, [r.update for r in results], [r.num_examples for r in results],
+                          rnd, cfg.svd_period)
     return state
 
 

@@ -102,29 +102,27 @@ def test_aggregate_rules_against_hand_computed_means():
     b_keys = [k for k in g if "lora_B" in k] + ["classifier.weight"]
     only_b = [{k: u[k] for k in b_keys} for u in updates]
 
-    ffa, changed = aggregate("ffa", g, only_b, weights, server_round=1)
-    assert not changed
+    ffa = aggregate("ffa", g, only_b, weights, server_round=1)
     for k in b_keys:
         assert torch.allclose(ffa[k], 0.25 * updates[0][k] + 0.75 * updates[1][k], atol=1e-6)
     for k in g:
         if "lora_A" in k:
             assert torch.equal(ffa[k], g[k])
 
-    avg, changed = aggregate("fedavg", g, updates, weights, server_round=1)
-    assert changed
+    avg = aggregate("fedavg", g, updates, weights, server_round=1)
     for k in g:
         assert torch.allclose(avg[k], 0.25 * updates[0][k] + 0.75 * updates[1][k], atol=1e-6)
 
-    svd, changed = aggregate("fedsvd", g, only_b, weights, server_round=1)
-    assert changed
+    svd = aggregate("fedsvd", g, only_b, weights, server_round=1)
     for layer in ("layer.0.q", "layer.1.q"):
         b, a = svd[f"{layer}.lora_B.weight"], svd[f"{layer}.lora_A.weight"]
         expected = ffa[f"{layer}.lora_B.weight"].double() @ g[f"{layer}.lora_A.weight"].double()
         assert torch.allclose(b.double() @ a.double(), expected, atol=1e-5)
         assert_orthonormal_rows(a, 1e-5)
 
-    skipped, changed = aggregate("fedsvd", g, only_b, weights, server_round=1, svd_period=2)
-    assert not changed and torch.equal(skipped["layer.0.q.lora_A.weight"], g["layer.0.q.lora_A.weight"])
+    skipped = aggregate("fedsvd", g, only_b, weights, server_round=1, svd_period=2)
+    assert torch.equal(skipped["layer.0.q.lora_A.weight"], g["layer.0.q.lora_A.weight"])
+    assert torch.equal(skipped["layer.0.q.lora_B.weight"], ffa["layer.0.q.lora_B.weight"])
 
 
 def test_bad_updates_are_rejected_with_a_clear_message():
