@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import secrets
 
+import torch
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -32,6 +34,7 @@ STATE_HELD_META = "held-meta"
 STATE_PRIVACY = "privacy"
 STATE_OPTIMIZER = "optimizer-tensors"
 STATE_OPTIMIZER_SCALARS = "optimizer-scalars"
+STATE_OPTIMIZER_BASIS = "optimizer-basis"  # the A the kept optimizer state is expressed in
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -58,34 +61,39 @@ def _config(msg: Message, context: Context) -> RunConfig:
     return cfg
 
 
-def _held_tensors(received: dict, cfg: RunConfig, context: Context, version: int) -> tuple[dict, dict]:
-    """(held tensors, the ones they replace): from the message when they changed, else from
-    this client's state (and then nothing was replaced)."""
+def _held_tensors(received: dict, cfg: RunConfig, context: Context, version: int) -> dict:
+    """The held tensors: from the message when they changed (and then kept), else from this
+    client's state."""
     held = protocol.held_names(adapter_names(cfg), cfg.strategy, cfg.train_head)
     if not held:  # fedavg with a trained head: everything travels every round
-        return {}, {}
+        return {}
     if any(k in received for k in held):
         missing = [k for k in held if k not in received]
         if missing:
             raise RuntimeError(f"the server sent only part of the held tensors (missing '{missing[0]}')")
-        previous = context.state[STATE_HELD].to_torch_state_dict() if STATE_HELD in context.state else {}
         tensors = {k: received[k] for k in held}
         context.state[STATE_HELD] = ArrayRecord(tensors)
         context.state[STATE_HELD_META] = ConfigRecord({"version": version})
-        return tensors, previous
+        return tensors
     if STATE_HELD in context.state and int(context.state[STATE_HELD_META]["version"]) == version:
-        return context.state[STATE_HELD].to_torch_state_dict(), {}
+        return context.state[STATE_HELD].to_torch_state_dict()
     raise RuntimeError("the server sent no held tensors (A) and this client holds no current copy")
 
 
-def _kept_optimizer_state(cfg: RunConfig, context: Context, held: dict, previous: dict):
-    """The optimizer state this client kept, moved into the coordinates of a new A."""
+def _kept_optimizer_state(cfg: RunConfig, context: Context, held: dict):
+    """The optimizer state this client kept, moved into the coordinates of the current A.
+
+    The state is rotated from the A it was trained with (saved beside it), not from the A
+    held before this message: a round that failed after a new A arrived must not leave the
+    momentum in stale coordinates.
+    """
     if cfg.optimizer_state != "keep" or STATE_OPTIMIZER not in context.state:
         return None
     tensors = context.state[STATE_OPTIMIZER].to_torch_state_dict()
     scalars = dict(context.state[STATE_OPTIMIZER_SCALARS]) if STATE_OPTIMIZER_SCALARS in context.state else {}
-    if previous and cfg.strategy == "fedsvd":  # the server rotated (B, A): rotate B's momentum too
-        tensors = rotate_saved_state(tensors, previous, held)
+    basis = context.state[STATE_OPTIMIZER_BASIS].to_torch_state_dict() if STATE_OPTIMIZER_BASIS in context.state else {}
+    if cfg.strategy == "fedsvd" and any(not torch.equal(basis[k], held[k]) for k in basis if k in held):
+        tensors = rotate_saved_state(tensors, basis, held)  # the server rotated (B, A): rotate B's momentum too
     return tensors, scalars
 
 
@@ -103,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
     round_config = msg.content[protocol.CONFIG]
     version = int(round_config[protocol.HELD_VERSION])
     received = msg.content[protocol.ARRAYS].to_torch_state_dict()
-    held, previous = _held_tensors(received, cfg, context, version)
+    held = _held_tensors(received, cfg, context, version)
 
     history = []
     if STATE_PRIVACY in context.state:
@@ -121,7 +129,7 @@ def train(msg: Message, context: Context) -> Message:
     work = ClientWork(cfg=cfg, partition_id=partition_id, num_partitions=num_partitions,
                       server_round=int(round_config[protocol.SERVER_ROUND]), global_state={**received, **held},
                       history=history, seed=secrets.randbits(62) if secure else None,
-                      optimizer_state=_kept_optimizer_state(cfg, context, held, previous))
+                      optimizer_state=_kept_optimizer_state(cfg, context, held))
     try:
         result = run_client_round(work)
     except BudgetExhausted:
@@ -134,6 +142,8 @@ def train(msg: Message, context: Context) -> Message:
         tensors, scalars = result.optimizer_state
         context.state[STATE_OPTIMIZER] = ArrayRecord(tensors)
         context.state[STATE_OPTIMIZER_SCALARS] = ConfigRecord(scalars)
+        if held:
+            context.state[STATE_OPTIMIZER_BASIS] = ArrayRecord(held)
     if result.history:
         sigmas, rates, steps = zip(*result.history)
         context.state[STATE_PRIVACY] = ConfigRecord({
@@ -142,9 +152,14 @@ def train(msg: Message, context: Context) -> Message:
             "plan-steps": result.planned_steps, "plan-noise-multiplier": result.noise_multiplier,
             **{f"run-{key}": float(getattr(cfg, key)) for key in protocol.PRIVACY_KEYS},
         })
-    metrics = MetricRecord({
-        "num-examples": result.num_examples, "train-loss": result.train_loss, "epsilon": result.epsilon,
-        "noise-multiplier": result.noise_multiplier, "steps": result.steps, protocol.HELD_VERSION: version,
-    })
+    metrics = {
+        "num-examples": result.num_examples, "epsilon": result.epsilon,
+        "noise-multiplier": result.noise_multiplier, protocol.HELD_VERSION: version,
+    }
+    if not cfg.private:
+        # The loss on the private batches is computed without clipping or noise: releasing
+        # it would spend privacy no accountant counts, so only non-private runs report it.
+        metrics["train-loss"] = result.train_loss
+    metrics = MetricRecord(metrics)
     return Message(RecordDict({protocol.ARRAYS: ArrayRecord(result.update), protocol.METRICS: metrics}),
                    reply_to=msg)

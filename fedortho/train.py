@@ -30,7 +30,6 @@ class ClientResult:
     num_examples: int
     train_loss: float
     epsilon: float  # cumulative over the client's participation; inf without DP
-    steps: int
     noise_multiplier: float
     history: privacy.History = field(default_factory=list)
     sample_rate: float = 1.0
@@ -132,7 +131,7 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
         optimizer_state=export_state(base_optimizer, named),
         update={k: state[k] for k in trainable}, num_examples=n,
         train_loss=float(np.mean(losses)) if losses else float("nan"), epsilon=epsilon,
-        steps=cfg.local_steps, noise_multiplier=sigma, history=new_history, sample_rate=rate, planned_steps=planned,
+        noise_multiplier=sigma, history=new_history, sample_rate=rate, planned_steps=planned,
     )
 
 

@@ -129,7 +129,7 @@ class LoRAStrategy(FedAvg):
             raise AggregationError(f"num-examples must be a positive number, got {weight}")
         update = reply.content[protocol.ARRAYS].to_torch_state_dict()
         check_update(update, expected, who)
-        return update, weight, float(info["train-loss"])
+        return update, weight, float(info.get("train-loss", math.nan))  # absent under DP
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -160,15 +160,16 @@ class LoRAStrategy(FedAvg):
                 continue
             update, weight, loss = read
             accepted.append((self.partition_of_node[node], update, weight))
-            if math.isfinite(loss):  # NaN when every Poisson batch came out empty
+            if math.isfinite(loss):  # NaN under DP, or when every Poisson batch came out empty
                 losses.append((loss, weight))
         accepted.sort(key=lambda item: item[0])  # a fixed summation order keeps runs reproducible
         metrics = {
             "clients-replied": len(accepted), "clients-failed": failed, "clients-exhausted": exhausted,
             # cumulative: the largest epsilon any client has spent so far
             "epsilon-max": max(self.epsilon_of_partition.values(), default=0.0),
-            "train-loss": (sum(l * w for l, w in losses) / sum(w for _, w in losses)) if losses else math.nan,
         }
+        if losses:  # private clients do not report their training loss
+            metrics["train-loss"] = sum(l * w for l, w in losses) / sum(w for _, w in losses)
         self.last_round = metrics
         if not accepted:
             logger.warning("round %d: no usable client update; the global adapter is unchanged", server_round)

@@ -215,3 +215,36 @@ def test_kept_momentum_is_rotated_with_fedsvd(tiny_cfg, monkeypatch):
     monkeypatch.setattr(client_app_module, "rotate_saved_state", lambda tensors, old, new: tensors)
     unrotated = _products(_run_from(cfg.replace(strategy="fedsvd"), start_state))
     assert any(not torch.allclose(unrotated[k], ffa[k], atol=1e-3 * float(ffa[k].abs().max())) for k in ffa)
+
+
+def test_kept_momentum_stays_in_step_with_a_after_a_failed_round(tiny_cfg, monkeypatch):
+    """Client 0 receives a new A in round 2 and then fails before training. Its kept momentum
+    is still in the coordinates of the A it last trained with, and must be rotated from that
+    one in round 3: FedSVD then still follows FFA-LoRA, which sees the same failure."""
+    import client.app as client_app_module
+
+    real_round = client_app_module.run_client_round
+
+    def fail_once(work):
+        if work.partition_id == 0 and work.server_round == 2:
+            raise RuntimeError("simulated crash of client 0")
+        return real_round(work)
+
+    monkeypatch.setattr(client_app_module, "run_client_round", fail_once)
+    cfg = tiny_cfg.replace(optimizer="muon", optimizer_state="keep", epsilon=math.inf, rounds=3, lr=0.02)
+    start_state = adapter_state(build_model(cfg))
+    start_state = {k: (torch.linalg.qr(v.double().T)[0].T.float().contiguous() if "lora_A" in k else v)
+                   for k, v in start_state.items()}
+    ffa = _products(_run_from(cfg.replace(strategy="ffa"), start_state))
+    svd = _products(_run_from(cfg.replace(strategy="fedsvd"), start_state))
+    for k in ffa:
+        assert torch.allclose(svd[k], ffa[k], atol=1e-4 * float(ffa[k].abs().max())), k
+
+
+def test_private_clients_do_not_report_their_training_loss(tiny_cfg):
+    grid = LocalGrid(3)
+    _, _, rounds = start(tiny_cfg.replace(rounds=1, epsilon=6.0), grid)
+    assert rounds[0]["clients-replied"] == 3 and "train-loss" not in rounds[0]
+    grid = LocalGrid(3)
+    _, _, rounds = start(tiny_cfg.replace(rounds=1, epsilon=math.inf), grid)
+    assert math.isfinite(rounds[0]["train-loss"])
