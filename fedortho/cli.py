@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -41,6 +40,15 @@ def preflight(cfg: RunConfig) -> None:
     check_model(cfg.model, cfg.pooling)
     load_tokenizer(cfg.model)
     data.splits_for(cfg)  # cached: the server reuses it
+    if cfg.private:  # the client with the fewest examples samples at the highest rate: the hardest plan
+        from fedortho import privacy
+
+        smallest = min(len(data.client_indices(cfg, i, cfg.clients)) for i in range(cfg.clients))
+        steps = cfg.local_steps * privacy.planned_participations(cfg.rounds, cfg.clients, cfg.clients_per_round)
+        try:
+            privacy.check_plannable(cfg.epsilon, cfg.delta, privacy.sample_rate(smallest, cfg.batch_size), steps)
+        except privacy.BudgetTooSmall as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _stop_cleanly_on_signals() -> None:
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelLoadError, FileNotFoundError) as exc:
         print(f"fedortho: error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:  # run_simulation wraps what the ServerApp raised
+    except Exception as exc:  # what the ServerApp raised (run_simulation may wrap it in a RuntimeError)
         cause = exc.__cause__ or exc
         print(f"fedortho: error: the simulation stopped: {type(cause).__name__}: {cause}", file=sys.stderr)
         return 1

@@ -126,6 +126,7 @@ class RunConfig:
         need(self.max_train_examples >= 0 and self.max_test_examples >= 0, "max-train/test-examples must be >= 0")
         need(len(self.targets) > 0, "lora-targets names no module")
         need(self.lora_alpha > 0 and math.isfinite(self.lora_alpha), f"lora-alpha must be > 0, got {self.lora_alpha}")
+        need(0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}")
         need(self.num_threads >= 0, f"num-threads must be >= 0, got {self.num_threads}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
 

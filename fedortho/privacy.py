@@ -54,6 +54,21 @@ def plan_noise_multiplier(epsilon: float, delta: float, sample_rate: float, step
     return _PLANS[key]
 
 
+class BudgetTooSmall(ValueError):
+    """No noise multiplier Opacus will consider keeps the planned steps within the target."""
+
+
+def check_plannable(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The planned noise multiplier, or BudgetTooSmall with the setting that made it impossible."""
+    try:
+        return plan_noise_multiplier(epsilon, delta, sample_rate, steps)
+    except ValueError:  # Opacus: "The privacy budget is too low."
+        raise BudgetTooSmall(
+            f"epsilon {epsilon:g} is too small: no noise multiplier keeps {steps} steps at sample rate "
+            f"{sample_rate:.3g} within it at delta {delta:g} (raise epsilon, or lower rounds or local-steps)"
+        ) from None
+
+
 def remember_plan(epsilon: float, delta: float, sample_rate: float, steps: int, noise_multiplier: float) -> None:
     _PLANS[(float(epsilon), float(delta), float(sample_rate), int(steps))] = float(noise_multiplier)
 

@@ -93,7 +93,7 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
     if cfg.private:
         rate = privacy.sample_rate(n, min(cfg.batch_size, n))
         planned = cfg.local_steps * privacy.planned_participations(cfg.rounds, cfg.clients, cfg.clients_per_round)
-        sigma = privacy.plan_noise_multiplier(cfg.epsilon, cfg.delta, rate, planned)
+        sigma = privacy.check_plannable(cfg.epsilon, cfg.delta, rate, planned)
         privacy.check_budget(history, sigma, rate, cfg.local_steps, cfg.epsilon, cfg.delta)
         noise_gen = torch.Generator().manual_seed(noise_seed)
         with warnings.catch_warnings():

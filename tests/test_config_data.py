@@ -22,6 +22,7 @@ def test_config_from_flower_style_mapping():
     ({"clients": 3, "clients-per-round": 5}, "cannot exceed clients"),
     ({"epsilon": -1}, "epsilon must be > 0"),
     ({"optimizer": "lion"}, "optimizer must be one of"),
+    ({"seed": -1}, "seed must be in"),
 ])
 def test_bad_config_fails_with_one_clear_line(values, message):
     with pytest.raises(ConfigError, match=message) as info:

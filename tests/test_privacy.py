@@ -27,6 +27,14 @@ def test_planned_noise_spends_at_most_the_target(epsilon, q, steps):
     assert spent > epsilon - 0.1  # and not wastefully more noise than needed
 
 
+def test_a_budget_too_small_to_plan_is_named_before_training():
+    with pytest.raises(privacy.BudgetTooSmall, match="epsilon 0.001 is too small") as info:
+        privacy.check_plannable(1e-3, 1e-5, 0.05, 24)
+    assert "\n" not in str(info.value)
+    # A plannable budget gives the plan itself.
+    assert privacy.check_plannable(3.0, 1e-5, 0.1, 20) == privacy.plan_noise_multiplier(3.0, 1e-5, 0.1, 20)
+
+
 def test_plan_is_made_once_per_distinct_setting(monkeypatch):
     calls = []
     search = privacy._search_noise_multiplier

@@ -153,3 +153,14 @@ def test_orthogonal_optimizer_with_kept_state_under_dp(tmp_path, tiny_model_dir,
     assert [r["clients-replied"] for r in metrics[1:]] == [3, 3]
     assert 0 < metrics[1]["epsilon"] < metrics[2]["epsilon"] <= 6.0
     assert json.loads((out / "config.json").read_text())["config"]["optimizer"] == "auon"
+
+
+def test_an_unplannable_epsilon_fails_before_the_simulation_starts(tmp_path, tiny_model_dir, hf_dataset_dir):
+    cmd = [sys.executable, "-m", "fedortho.cli", "simulate", "--model", tiny_model_dir, "--dataset", hf_dataset_dir,
+           "--clients", "3", "--clients-per-round", "3", "--epsilon", "0.001", "--out", str(tmp_path / "x")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("fedortho: error: epsilon 0.001 is too small")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()  # nothing started
+
