@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fedortho.sweep import cell_status, load_sweep, run_sweep
+    from fedortho.sweep import cell_status, changed_settings, load_sweep, run_sweep
 
     sweep = load_sweep(args.file)
     if args.out:
@@ -133,6 +133,8 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"sweep {sweep.name}: {len(cells)} cells -> {sweep.out}")
         for cell in cells:
             print(f"  {cell_status(sweep.out / cell.name) or 'todo':<7} {cell.name}")
+        for line in changed_settings(sweep, cells):
+            print(f"  changed {line}")
         return 0
     counts = run_sweep(sweep, parallel=args.parallel)
     print(f"sweep {sweep.name}: {counts['ran']} ran, {counts['failed']} failed, "

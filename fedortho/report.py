@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedortho.sweep import RUN, cell_status
+from fedortho.sweep import RUN, STATUS, cell_status
 
 METRICS = (("final accuracy", "final-accuracy", 4), ("best accuracy", "best-accuracy", 4),
            ("epsilon spent", "epsilon-spent", 2), ("wall time (s)", "wall-seconds", 0))
@@ -29,25 +29,59 @@ class Group:
 
 
 def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"not a number: {value!r}")
     return float(value)  # summary.json writes infinities as the string "inf"
 
 
-def load_cells(sweep_dir: Path) -> tuple[list[Group], list[tuple[str, str]]]:
+@dataclass
+class Cells:
+    groups: list[Group]
+    failed: list[tuple[str, str]]       # (cell, its error)
+    unreadable: list[tuple[str, str]]   # (cell, why it was left out)
+
+
+def _failure(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / STATUS).read_text()).get("error", ""))
+    except (OSError, ValueError, AttributeError):
+        return "(no readable error)"
+
+
+def _read_cell(folder: Path) -> tuple[dict, dict, list[dict]]:
+    """(grid values, summary, metrics rows) of a finished cell; raises on anything damaged."""
+    values = json.loads((folder / "cell.json").read_text())["values"]
+    summary = json.loads((folder / RUN / "summary.json").read_text())
+    for _, key, _ in METRICS:
+        _number(summary[key])
+    curve = [json.loads(line) for line in (folder / RUN / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not isinstance(values, dict) or not all(isinstance(row, dict) for row in curve):
+        raise ValueError("unexpected layout")
+    return values, summary, curve
+
+
+def load_cells(sweep_dir: Path) -> Cells:
+    """Every cell folder of ``sweep_dir``: finished ones grouped over seeds, failed ones with
+    their error, damaged ones left out with the reason (one bad cell never stops a report)."""
     groups: dict[str, Group] = {}
-    failed = []
+    failed, unreadable = [], []
     for folder in sorted(p for p in sweep_dir.iterdir() if (p / "cell.json").is_file()):
         status = cell_status(folder)
         if status != "done":
             if status == "failed":
-                failed.append((folder.name, json.loads((folder / "status.json").read_text()).get("error", "")))
+                failed.append((folder.name, _failure(folder)))
             continue
-        values = json.loads((folder / "cell.json").read_text())["values"]
+        try:
+            values, summary, curve = _read_cell(folder)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            unreadable.append((folder.name, f"{type(exc).__name__}: {exc}"))
+            continue
         key_values = {k: v for k, v in values.items() if k != "seed"}
         key = json.dumps(key_values, sort_keys=True, default=str)
         group = groups.setdefault(key, Group(key_values))
-        group.summaries.append(json.loads((folder / RUN / "summary.json").read_text()))
-        group.curves.append([json.loads(line) for line in (folder / RUN / "metrics.jsonl").read_text().splitlines()])
-    return list(groups.values()), failed
+        group.summaries.append(summary)
+        group.curves.append(curve)
+    return Cells(list(groups.values()), failed, unreadable)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -68,12 +102,17 @@ def _cell_text(value: Any) -> str:
     return str(value)
 
 
+def grid_keys(groups: list[Group]) -> list[str]:
+    """Every grid key of any group, in first-seen order (cells of an older grid may lack some)."""
+    return list(dict.fromkeys(k for g in groups for k in g.values))
+
+
 def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
-    keys = list(groups[0].values) if groups else []
+    keys = grid_keys(groups)
     header = keys + ["seeds"] + [name for name, _, _ in METRICS]
     rows = []
     for group in groups:
-        row = [_cell_text(group.values[k]) for k in keys] + [str(len(group.summaries))]
+        row = [_cell_text(group.values[k]) if k in group.values else "–" for k in keys] + [str(len(group.summaries))]
         for _, key, digits in METRICS:
             row.append(_fmt(*_mean_std([_number(s[key]) for s in group.summaries]), digits))
         rows.append(row)
@@ -97,12 +136,14 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    label_keys = [k for k in (groups[0].values if groups else {}) if k != "epsilon"]
+    label_keys = [k for k in grid_keys(groups) if k != "epsilon"]
 
     def label(g: Group, keys) -> str:
-        return ", ".join(f"{k}={_cell_text(g.values[k])}" for k in keys) or "all"
+        return ", ".join(f"{k}={_cell_text(g.values[k])}" for k in keys if k in g.values) or "all"
 
-    if groups and "epsilon" in groups[0].values:
+    by_epsilon = [g for g in groups if "epsilon" in g.values]
+    if by_epsilon:
+        groups_all, groups = groups, by_epsilon
         fig, ax = plt.subplots(figsize=(6, 4))
         finite = sorted({float(g.values["epsilon"]) for g in groups if math.isfinite(float(g.values["epsilon"]))})
         series: dict[str, list] = {}
@@ -123,6 +164,7 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
         paths.append(out / "accuracy_vs_epsilon.png")
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
+        groups = groups_all
     for metric, ylabel, name in (("test-accuracy", "test accuracy", "accuracy_vs_round.png"),
                                  ("epsilon", "epsilon spent (max over clients)", "epsilon_vs_round.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -152,11 +194,14 @@ def report(sweep_dir: str | Path, echo=print) -> str:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"no sweep folder {sweep_dir}")
-    groups, failed = load_cells(sweep_dir)
+    cells = load_cells(sweep_dir)
+    groups = cells.groups
     header, rows = table_rows(groups)
     text = markdown(header, rows) if rows else "No finished cells yet.\n"
-    if failed:
-        text += "\nFailed cells:\n\n" + "".join(f"- {name}: {error}\n" for name, error in failed)
+    if cells.failed:
+        text += "\nFailed cells:\n\n" + "".join(f"- {name}: {error}\n" for name, error in cells.failed)
+    if cells.unreadable:
+        text += "\nLeft out, unreadable:\n\n" + "".join(f"- {name}: {why}\n" for name, why in cells.unreadable)
     (sweep_dir / "results.md").write_text(text)
     with open(sweep_dir / "results.csv", "w", newline="") as fh:
         writer = csv.writer(fh)

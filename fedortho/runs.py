@@ -54,13 +54,14 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with infinities and NaNs as strings: strict JSON has no non-finite numbers."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # "inf"/"nan": strict JSON has no infinities
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -85,13 +86,13 @@ class RunRecorder:
         self.started = time.time()
         meta = {"config": cfg.to_dict(hyphenated=True), "seed": cfg.seed, "git-commit": git_commit(),
                 "packages": package_versions(), "python": sys.version.split()[0], "platform": platform.platform()}
-        (self.out / "config.json").write_text(json.dumps(_json_safe(meta), indent=2) + "\n")
+        (self.out / "config.json").write_text(json.dumps(json_safe(meta), indent=2) + "\n")
         _ACTIVE.append(self)
 
     def record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         with open(self.out / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(_json_safe(row)) + "\n")
+            fh.write(json.dumps(json_safe(row)) + "\n")
         if self.echo:
             eps = row.get("epsilon")
             eps_text = "-" if eps is None else ("inf" if not math.isfinite(eps) else f"{eps:.2f}")
@@ -111,7 +112,7 @@ class RunRecorder:
             "epsilon-spent": max((r["epsilon"] for r in trained if r.get("epsilon") is not None), default=0.0),
             "wall-seconds": round(time.time() - self.started, 2), **(extra or {}),
         }
-        (self.out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+        (self.out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
         self.plot()
         return summary
 

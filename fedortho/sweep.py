@@ -11,9 +11,10 @@
 
 Each cell runs ``fedortho simulate`` (the same code path) in its own process and folder
 ``<out>/<cell>/``. A cell is finished when its ``status.json`` says ``done``: finished cells
-are never rerun or overwritten. A cell killed in flight left no ``done`` status and runs again
-from scratch on the next ``fedortho sweep``; a failing cell records its error and the others
-go on (it is retried on the next call).
+are never rerun or overwritten, and a sweep file whose settings no longer match a finished
+cell is refused rather than mixed with it. A cell killed in flight left no ``done`` status
+and runs again from scratch on the next ``fedortho sweep``; a failing cell records its error
+and the others go on (it is retried on the next call).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedortho.config import ConfigError, RunConfig
+from fedortho.runs import json_safe
 
 STATUS = "status.json"
 RUN = "run"
@@ -59,6 +62,12 @@ class Sweep:
             settings = {**self.base, **values}
             RunConfig.from_mapping(settings)  # every cell must be a valid run: fail before running any
             cells.append(Cell(cell_name(values), values, settings))
+        seen: dict[str, Cell] = {}
+        for cell in cells:
+            if cell.name in seen:
+                raise ConfigError(f"grid values {seen[cell.name].values} and {cell.values} give the same cell "
+                                  f"folder '{cell.name}'; make them differ in their first 6 digits")
+            seen[cell.name] = cell
         return cells
 
 
@@ -76,12 +85,18 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     try:
         spec = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read sweep file {path}: {exc}") from None
     unknown = set(spec) - {"sweep", "base", "grid"}
     if unknown:
         raise ConfigError(f"sweep file {path}: unknown tables {sorted(unknown)} (use [sweep], [base], [grid])")
     meta, base, grid = spec.get("sweep", {}), spec.get("base", {}), spec.get("grid", {})
+    for table, value in (("sweep", meta), ("base", base), ("grid", grid)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"sweep file {path}: '{table}' must be a table ([{table}]), got {value!r}")
+    unknown = set(meta) - {"name", "out"}
+    if unknown:
+        raise ConfigError(f"sweep file {path}: unknown keys in [sweep]: {sorted(unknown)} (known: name, out)")
     if not grid:
         raise ConfigError(f"sweep file {path}: [grid] is empty")
     for key, values in grid.items():
@@ -97,10 +112,47 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 def cell_status(folder: Path) -> str | None:
+    """``done``, ``failed`` or None (never run, in flight, killed). A finished run whose status
+    file was damaged still counts as done: its summary says the run completed."""
     try:
-        return json.loads((folder / STATUS).read_text())["status"]
-    except (OSError, ValueError, KeyError):
-        return None
+        status = json.loads((folder / STATUS).read_text())["status"]
+        if status in ("done", "failed"):
+            return status
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        if json.loads((folder / RUN / "summary.json").read_text())["completed"] is True:
+            return "done"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Write whole or not at all: a kill mid-write must not leave a half-written status."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(json_safe(value), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def changed_settings(sweep: Sweep, cells: list[Cell]) -> list[str]:
+    """Finished cells that the sweep file now describes differently, one line each."""
+    lines = []
+    for cell in cells:
+        folder = sweep.out / cell.name
+        if cell_status(folder) != "done":
+            continue
+        try:
+            stored = json.loads((folder / "cell.json").read_text())["settings"]
+            before = RunConfig.from_mapping(stored).to_dict(hyphenated=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no readable record of its settings: keep the finished result
+        now = RunConfig.from_mapping(cell.settings).to_dict(hyphenated=True)
+        diff = [k for k in now if now[k] != before[k]]
+        if diff:
+            k = diff[0]
+            lines.append(f"{cell.name}: ran with {k}={before[k]}, the sweep file now gives {k}={now[k]}")
+    return lines
 
 
 def _cli_value(value: Any) -> str:
@@ -110,9 +162,9 @@ def _cli_value(value: Any) -> str:
     return str(value)  # floats print as Python reads them, infinities as "inf"
 
 
-def simulate_cell(cell: Cell, folder: Path, extra_args: list[str]) -> None:
+def simulate_cell(cell: Cell, folder: Path) -> None:
     """Run one cell through ``fedortho simulate`` in a fresh process; raise on failure."""
-    args = [sys.executable, "-m", "fedortho.cli", "simulate", "--out", str(folder / RUN), *extra_args]
+    args = [sys.executable, "-m", "fedortho.cli", "simulate", "--out", str(folder / RUN)]
     for key, value in cell.settings.items():
         args += [f"--{key.replace('_', '-')}", _cli_value(value)]
     with open(folder / "log.txt", "w") as log:
@@ -126,11 +178,14 @@ def simulate_cell(cell: Cell, folder: Path, extra_args: list[str]) -> None:
 def run_sweep(sweep: Sweep, parallel: int = 1, run_cell: Callable[[Cell, Path], None] | None = None,
               echo: Callable[[str], None] = print) -> dict[str, int]:
     """Run every unfinished cell; returns counts of cells done before, run now, failed."""
-    run_cell = run_cell or (lambda cell, folder: simulate_cell(cell, folder, []))
+    run_cell = run_cell or simulate_cell
     cells = sweep.cells()
+    changed = changed_settings(sweep, cells)
+    if changed:
+        raise ConfigError(f"{len(changed)} finished cells in {sweep.out} ran with other settings ({changed[0]}); "
+                          "move that folder away or give the sweep another [sweep] out")
     sweep.out.mkdir(parents=True, exist_ok=True)
-    (sweep.out / "sweep.json").write_text(json.dumps(
-        {"name": sweep.name, "base": sweep.base, "grid": sweep.grid}, indent=2, default=str) + "\n")
+    _write_json(sweep.out / "sweep.json", {"name": sweep.name, "base": sweep.base, "grid": sweep.grid})
     todo = [c for c in cells if cell_status(sweep.out / c.name) != "done"]
     counts = {"cells": len(cells), "done-before": len(cells) - len(todo), "ran": 0, "failed": 0}
     echo(f"sweep {sweep.name}: {len(cells)} cells, {counts['done-before']} already done, {len(todo)} to run")
@@ -141,14 +196,13 @@ def run_sweep(sweep: Sweep, parallel: int = 1, run_cell: Callable[[Cell, Path], 
         if folder.exists():
             shutil.rmtree(folder)  # an unfinished or failed attempt: it holds nothing finished
         folder.mkdir(parents=True)
-        (folder / "cell.json").write_text(json.dumps({"values": cell.values, "settings": cell.settings},
-                                                     indent=2, default=str) + "\n")
+        _write_json(folder / "cell.json", {"values": cell.values, "settings": cell.settings})
         try:
             run_cell(cell, folder)
         except Exception as exc:  # recorded; the other cells go on
-            (folder / STATUS).write_text(json.dumps({"status": "failed", "error": str(exc)}) + "\n")
+            _write_json(folder / STATUS, {"status": "failed", "error": str(exc)})
             raise
-        (folder / STATUS).write_text(json.dumps({"status": "done"}) + "\n")
+        _write_json(folder / STATUS, {"status": "done"})
 
     finished = 0
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:

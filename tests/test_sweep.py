@@ -60,6 +60,10 @@ def test_grid_expands_to_every_combination(tmp_path):
     ("[grid]\nseed = 3\n", "non-empty list"),
     ("[grid\n", "cannot read"),
     ("[grids]\nseed = [1]\n", "unknown tables"),
+    ("[grid]\nepsilon = [1, 1.0]\n", "same cell folder"),
+    ("[sweep]\nnmae = 'x'\n[grid]\nseed = [1]\n", "unknown keys in \\[sweep\\]"),
+    ("sweep = 'x'\n[grid]\nseed = [1]\n", "'sweep' must be a table"),
+    ("base = 1\n[grid]\nseed = [1]\n", "'base' must be a table"),
 ])
 def test_bad_sweep_files_fail_before_any_cell_runs(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -74,7 +78,7 @@ def fake_cell(cell, folder, accuracy=None):
     eps = cell.settings.get("epsilon", 6.0)
     (run / "summary.json").write_text(json.dumps({
         "final-accuracy": acc, "best-accuracy": acc + 0.01, "epsilon-spent": "inf" if math.isinf(eps) else eps,
-        "wall-seconds": 10.0 + cell.values.get("seed", 0)}))
+        "wall-seconds": 10.0 + cell.values.get("seed", 0), "completed": True}))
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
         {"round": 0, "test-accuracy": 0.5, "test-loss": 0.7},
         {"round": 1, "test-accuracy": acc, "test-loss": 0.6, "epsilon": eps if math.isfinite(eps) else "inf"})))
@@ -130,6 +134,40 @@ def test_a_failing_cell_is_recorded_and_the_others_go_on(tmp_path):
     assert any("failed" in line for line in lines) and any("ETA" in line for line in lines)
     text = report(sweep.out, echo=lambda _: None)
     assert "- epsilon-3_seed-1: fedortho: error: something broke" in text
+
+
+def test_a_damaged_status_file_does_not_lose_a_finished_cell(tmp_path):
+    sweep = small_sweep(tmp_path)
+    run_sweep(sweep, run_cell=fake_cell, echo=lambda _: None)
+    (sweep.out / "epsilon-3_seed-0" / "status.json").write_text('"done"')  # valid JSON, wrong layout
+    (sweep.out / "epsilon-6_seed-1" / "status.json").write_text('{"stat')  # cut short
+    counts = run_sweep(sweep, run_cell=lambda *_: pytest.fail("ran a finished cell"), echo=lambda _: None)
+    assert counts["done-before"] == 6 and counts["ran"] == 0
+
+
+def test_a_sweep_file_that_changed_under_finished_cells_is_refused(tmp_path):
+    sweep = small_sweep(tmp_path)
+    run_sweep(sweep, run_cell=fake_cell, echo=lambda _: None)
+    before = (sweep.out / "epsilon-3_seed-0" / "run" / "summary.json").read_text()
+    changed = Sweep(name="t", out=sweep.out, base={"rounds": 2}, grid=sweep.grid)
+    with pytest.raises(ConfigError, match="ran with rounds=1, the sweep file now gives rounds=2"):
+        run_sweep(changed, run_cell=lambda *_: pytest.fail("ran a cell"), echo=lambda _: None)
+    assert (sweep.out / "epsilon-3_seed-0" / "run" / "summary.json").read_text() == before
+    # Settings written differently but meaning the same run are not a change.
+    same = Sweep(name="t", out=sweep.out, base={"rounds": "1", "strategy": "fedsvd"}, grid=sweep.grid)
+    assert run_sweep(same, run_cell=lambda *_: pytest.fail("ran a cell"), echo=lambda _: None)["ran"] == 0
+
+
+def test_a_damaged_cell_is_left_out_of_the_report_with_its_reason(tmp_path):
+    sweep = small_sweep(tmp_path)
+    run_sweep(sweep, run_cell=fake_cell, echo=lambda _: None)
+    (sweep.out / "epsilon-3_seed-1" / "run" / "summary.json").write_text('{"final-accuracy": ')
+    metrics = sweep.out / "epsilon-6_seed-0" / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + "\n\n")  # blank lines are not damage
+    text = report(sweep.out, echo=lambda _: None)
+    assert "| 3 | 1 | 0.5000 ± 0.0000 |" in text  # seed 0 only
+    assert "| 6 | 2 |" in text
+    assert "Left out, unreadable:\n\n- epsilon-3_seed-1: JSONDecodeError" in text
 
 
 def test_report_gives_the_expected_table(tmp_path):
