@@ -8,13 +8,16 @@ optimizer's state (its momentum rotated along when FedSVD rotates B and A).
 Node config (``--node-config`` of a SuperNode; set automatically in simulation):
 ``partition-id`` and ``num-partitions`` (required); optionally ``epsilon``, ``delta``, ``clip``
 to pin this client's privacy settings (it refuses a server asking for others), and
-``secure-noise=true`` to draw sampling and noise from OS randomness instead of the run seed
-(so that no one who knows the seed can replay the noise; runs are then not reproducible).
+``secure-noise=true`` to seed sampling and noise from OS randomness instead of the run seed
+(so that no one who knows the seed can replay the noise; runs are then not reproducible);
+``privacy-ledger=<file>`` to make the budget cover every run on this node's data, not one
+run (``fedortho.privacy.PrivacyLedger``).
 """
 
 from __future__ import annotations
 
 import secrets
+from contextlib import nullcontext
 
 import torch
 
@@ -24,7 +27,7 @@ from flwr.clientapp import ClientApp
 from fedortho import protocol
 from fedortho.config import RunConfig
 from fedortho.optim.rotation import rotate_saved_state
-from fedortho.privacy import BudgetExhausted, remember_plan, spent_epsilon
+from fedortho.privacy import BudgetExhausted, PrivacyLedger, remember_plan, spent_epsilon
 from fedortho.worker import ClientWork, adapter_names, run_client_round
 
 app = ClientApp()
@@ -97,6 +100,11 @@ def _kept_optimizer_state(cfg: RunConfig, context: Context, held: dict):
     return tensors, scalars
 
 
+def _ledger(context: Context) -> PrivacyLedger | None:
+    path = context.node_config.get("privacy-ledger")
+    return PrivacyLedger(str(path)) if path else None
+
+
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = _partition(context)
@@ -113,30 +121,38 @@ def train(msg: Message, context: Context) -> Message:
     received = msg.content[protocol.ARRAYS].to_torch_state_dict()
     held = _held_tensors(received, cfg, context, version)
 
-    history = []
-    if STATE_PRIVACY in context.state:
-        p = context.state[STATE_PRIVACY]
-        history = list(zip(p["noise-multipliers"], p["sample-rates"], p["steps"]))
-        # The plan travels with the client: whichever worker trains it next does not redo it.
-        remember_plan(cfg.epsilon, cfg.delta, p["plan-sample-rate"], p["plan-steps"], p["plan-noise-multiplier"])
-    spent = spent_epsilon(history, cfg.delta)
-    seen = float(round_config.get(protocol.EPSILON_SEEN, 0.0))
-    if cfg.private and seen > spent + 1e-9:
-        raise RuntimeError(f"this client's privacy history is missing (the server saw it spend epsilon {seen:.3f}, "
-                           f"its state shows {spent:.3f}); refusing to train")
+    ledger = _ledger(context)
+    if ledger is not None and not cfg.private:
+        raise RuntimeError(f"this node keeps a privacy ledger ({ledger.path}) and does not train without DP")
+    with ledger.locked() if ledger is not None else nullcontext():
+        history = []
+        if STATE_PRIVACY in context.state:
+            p = context.state[STATE_PRIVACY]
+            history = list(zip(p["noise-multipliers"], p["sample-rates"], p["steps"]))
+            # The plan travels with the client: whichever worker trains it next does not redo it.
+            remember_plan(cfg.epsilon, cfg.delta, p["plan-sample-rate"], p["plan-steps"], p["plan-noise-multiplier"])
+        if ledger is not None:
+            history = ledger.read(cfg.delta)  # every run's rounds on this node, this run's included
+        spent = spent_epsilon(history, cfg.delta)
+        seen = float(round_config.get(protocol.EPSILON_SEEN, 0.0))
+        if cfg.private and seen > spent + 1e-9:
+            raise RuntimeError(f"this client's privacy history is missing (the server saw it spend epsilon "
+                               f"{seen:.3f}, its state shows {spent:.3f}); refusing to train")
 
-    secure = str(context.node_config.get("secure-noise", "false")).lower() in ("1", "true", "yes")
-    work = ClientWork(cfg=cfg, partition_id=partition_id, num_partitions=num_partitions,
-                      server_round=int(round_config[protocol.SERVER_ROUND]), global_state={**received, **held},
-                      history=history, seed=secrets.randbits(62) if secure else None,
-                      optimizer_state=_kept_optimizer_state(cfg, context, held))
-    try:
-        result = run_client_round(work)
-    except BudgetExhausted:
-        # Not an error: the client has spent what it may and sits the remaining rounds out.
-        metrics = MetricRecord({"num-examples": 0, "budget-exhausted": 1, "epsilon": spent,
-                                protocol.HELD_VERSION: version})
-        return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
+        secure = str(context.node_config.get("secure-noise", "false")).lower() in ("1", "true", "yes")
+        work = ClientWork(cfg=cfg, partition_id=partition_id, num_partitions=num_partitions,
+                          server_round=int(round_config[protocol.SERVER_ROUND]), global_state={**received, **held},
+                          history=history, seed=secrets.randbits(62) if secure else None,
+                          optimizer_state=_kept_optimizer_state(cfg, context, held))
+        try:
+            result = run_client_round(work)
+        except BudgetExhausted:
+            # Not an error: the client has spent what it may and sits the remaining rounds out.
+            metrics = MetricRecord({"num-examples": 0, "budget-exhausted": 1, "epsilon": spent,
+                                    protocol.HELD_VERSION: version})
+            return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
+        if ledger is not None:
+            ledger.write(result.history, cfg.delta)  # before anything trained on the data leaves the node
 
     if cfg.optimizer_state == "keep":
         tensors, scalars = result.optimizer_state

@@ -9,9 +9,14 @@ past the target is refused before any step is taken.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import math
+import os
 import warnings
-from typing import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
 
 from torch.utils.data import DataLoader
 
@@ -129,3 +134,57 @@ def make_private(model, optimizer, loader: DataLoader, noise_multiplier: float, 
         max_grad_norm=clip, poisson_sampling=True, noise_generator=noise_generator,
     )
     return engine, model, optimizer, loader
+
+
+class LedgerError(RuntimeError):
+    """A privacy ledger that cannot be trusted: the client refuses to train."""
+
+
+class PrivacyLedger:
+    """A node's spending across runs: the accountant's history in a JSON file on the node.
+
+    Flower keeps a client's state for one run only; a ledger makes the node's (epsilon, delta)
+    a budget for all the runs that train on its data. Every private round reads it under an
+    exclusive lock, trains with the whole history as its past, and writes the extended
+    history back (atomically) before the update leaves the node. A damaged ledger, or one
+    kept at another delta, stops training instead of starting a fresh budget.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @contextmanager
+    def locked(self) -> Iterator["PrivacyLedger"]:
+        """Hold the node's ledger for a whole round: concurrent runs take turns."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield self
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def read(self, delta: float) -> History:
+        if not self.path.exists():
+            return []
+        try:
+            record = json.loads(self.path.read_text())
+            history = [(float(s), float(q), int(n)) for s, q, n in record["history"]]
+            kept_delta = float(record["delta"])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise LedgerError(f"privacy ledger {self.path} is unreadable ({type(exc).__name__}); refusing to "
+                              "train rather than start a fresh budget") from None
+        if any(not (s > 0 and 0 < q <= 1 and n >= 1) for s, q, n in history):
+            raise LedgerError(f"privacy ledger {self.path} holds impossible entries; refusing to train")
+        if kept_delta != float(delta):
+            raise LedgerError(f"privacy ledger {self.path} accounts at delta {kept_delta:g}, the run asks for "
+                              f"delta {delta:g}; refusing to train")
+        return history
+
+    def write(self, history: Sequence[Sequence[float]], delta: float) -> None:
+        entries = [[float(s), float(q), int(n)] for s, q, n in history]
+        record = {"delta": float(delta), "epsilon": spent_epsilon(entries, delta), "history": entries}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, self.path)
+

@@ -21,7 +21,8 @@ class LocalGrid:
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
         self.contexts = {
             100 + i: Context(run_id=1, node_id=100 + i,
-                             node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {})},
+                             node_config={"partition-id": i, "num-partitions": num_nodes,
+                                          **((node_config(i) if callable(node_config) else node_config) or {})},
                              state=RecordDict(), run_config={})
             for i in range(num_nodes)
         }
@@ -248,3 +249,57 @@ def test_private_clients_do_not_report_their_training_loss(tiny_cfg):
     grid = LocalGrid(3)
     _, _, rounds = start(tiny_cfg.replace(rounds=1, epsilon=math.inf), grid)
     assert math.isfinite(rounds[0]["train-loss"])
+
+
+def _ledger_epsilon(path, delta):
+    """The ledger's spending, from Opacus' accountant over its recorded history."""
+    import json
+
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [tuple(entry) for entry in json.loads(path.read_text())["history"]]
+    return accountant.get_epsilon(delta=delta)
+
+
+def test_a_privacy_ledger_makes_the_budget_cover_every_run(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(rounds=2, epsilon=6.0)
+    ledgers = {i: tmp_path / f"node-{i}" / "ledger.json" for i in range(3)}
+
+    def with_ledger(i):
+        return {"privacy-ledger": str(ledgers[i])}
+
+    _, _, first = start(cfg, LocalGrid(3, node_config=with_ledger))
+    assert [r["clients-replied"] for r in first] == [3, 3]
+    spent = [_ledger_epsilon(ledgers[i], cfg.delta) for i in range(3)]
+    assert max(spent) == pytest.approx(first[-1]["epsilon-max"], rel=1e-9) and max(spent) <= cfg.epsilon
+    before = {i: ledgers[i].read_text() for i in range(3)}
+
+    # A second run (fresh Flower state on every node) starts from what the first spent:
+    # the first run planned its noise for the whole budget, so nothing is left to train on.
+    _, _, second = start(cfg, LocalGrid(3, node_config=with_ledger))
+    assert [r["clients-exhausted"] for r in second] == [3, 3]
+    assert second[0]["epsilon-max"] == pytest.approx(first[-1]["epsilon-max"], rel=1e-9)
+    assert all(ledgers[i].read_text() == before[i] for i in range(3))
+    # Without a ledger the second run would have spent a fresh budget.
+    _, _, unguarded = start(cfg, LocalGrid(3))
+    assert unguarded[0]["clients-replied"] == 3
+
+
+def test_a_damaged_or_mismatched_ledger_stops_training_and_is_kept(tiny_cfg, tmp_path, caplog):
+    cfg = tiny_cfg.replace(rounds=1, epsilon=6.0)
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text('{"delta": 1e-05, "history": [[1.0, 0.1')
+    _, _, rounds = start(cfg, LocalGrid(3, node_config={"privacy-ledger": str(damaged)}))
+    assert rounds[0]["clients-replied"] == 0 and rounds[0]["clients-failed"] == 3
+    assert damaged.read_text() == '{"delta": 1e-05, "history": [[1.0, 0.1'
+    assert "is unreadable (JSONDecodeError); refusing to train rather than start a fresh budget" in caplog.text
+
+    other_delta = tmp_path / "other.json"
+    other_delta.write_text('{"delta": 1e-06, "history": [[1.0, 0.1, 2]]}')
+    _, _, rounds = start(cfg, LocalGrid(3, node_config={"privacy-ledger": str(other_delta)}))
+    assert rounds[0]["clients-failed"] == 3
+    _, _, rounds = start(cfg.replace(epsilon=math.inf), LocalGrid(3, node_config={"privacy-ledger": str(tmp_path / "new.json")}))
+    assert rounds[0]["clients-failed"] == 3  # a node with a ledger does not train without DP
+    assert not (tmp_path / "new.json").exists()
+
