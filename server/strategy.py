@@ -32,7 +32,8 @@ class LoRAStrategy(FedAvg):
     """Weighted aggregation of LoRA adapters with an optional FedSVD refactorization."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(min_train_nodes=cfg.clients_per_round, min_available_nodes=cfg.clients)
+        # Flower's own node checks are not used: sample() and _discover() decide who trains.
+        super().__init__(min_train_nodes=cfg.clients_per_round)
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
         self.held_version = 0
@@ -52,13 +53,19 @@ class LoRAStrategy(FedAvg):
 
     # -- node discovery and sampling ----------------------------------------------------
     def _discover(self, grid: Grid) -> None:
-        """Learn each node's partition id once, so that sampling depends on the seed only."""
+        """Learn each node's partition id once, so that sampling depends on the seed only.
+
+        The first round waits for every client; later rounds go on with the clients still
+        connected, and a node that claims the partition of a node that has gone (a restarted
+        SuperNode gets a new node id) takes that partition over.
+        """
+        need = self.cfg.clients if not self.partition_of_node else self.cfg.clients_per_round
         deadline = time.time() + CLIENT_WAIT_SECONDS
-        while len(nodes := sorted(grid.get_node_ids())) < self.cfg.clients:
+        while len(nodes := sorted(grid.get_node_ids())) < need:
             if time.time() > deadline:
-                raise RuntimeError(f"only {len(nodes)} of {self.cfg.clients} clients connected within "
+                raise RuntimeError(f"only {len(nodes)} of {need} clients connected within "
                                    f"{CLIENT_WAIT_SECONDS}s (start one SuperNode per client, or lower 'clients')")
-            logger.info("waiting for clients: %d of %d connected", len(nodes), self.cfg.clients)
+            logger.info("waiting for clients: %d of %d connected", len(nodes), need)
             time.sleep(1)
         unknown = [n for n in nodes if n not in self.partition_of_node]
         if not unknown:
@@ -76,8 +83,14 @@ class LoRAStrategy(FedAvg):
             if parts != self.cfg.clients:
                 raise RuntimeError(f"client node {node} has num-partitions={parts}, but the run has "
                                    f"clients={self.cfg.clients}")
-            if partition in self.partition_of_node.values():
-                raise RuntimeError(f"two client nodes claim partition-id {partition}")
+            holder = next((n for n, p in self.partition_of_node.items() if p == partition), None)
+            if holder is not None:
+                if holder in nodes:
+                    raise RuntimeError(f"two client nodes claim partition-id {partition}")
+                del self.partition_of_node[holder]
+                self.held_version_at_node.pop(holder, None)
+                logger.info("client node %d took over partition %d from node %d, which has gone", node, partition,
+                            holder)
             self.partition_of_node[node] = partition
 
     def sample(self, grid: Grid) -> list[int]:

@@ -303,3 +303,34 @@ def test_a_damaged_or_mismatched_ledger_stops_training_and_is_kept(tiny_cfg, tmp
     assert rounds[0]["clients-failed"] == 3  # a node with a ledger does not train without DP
     assert not (tmp_path / "new.json").exists()
 
+
+def test_a_restarted_node_takes_its_partition_over(tiny_cfg):
+    def restart_node_0(grid, rnd):
+        if rnd == 2:  # the SuperNode of partition 0 goes and comes back under a new node id, without state
+            old = grid.contexts.pop(100)
+            grid.contexts[200] = Context(run_id=1, node_id=200, node_config=dict(old.node_config),
+                                         state=RecordDict(), run_config={})
+
+    cfg = tiny_cfg.replace(strategy="ffa", rounds=3, epsilon=math.inf)
+    grid = LocalGrid(3, before_round=restart_node_0)
+    strategy, _, rounds = start(cfg, grid)
+    # Round 2's message was already addressed to the old node; from round 3 the new one trains.
+    assert [r["clients-replied"] for r in rounds] == [3, 2, 3]
+    assert strategy.partition_of_node == {101: 1, 102: 2, 200: 0}
+    assert any(node == 200 and any("lora_A" in k for k in keys) for node, keys in grid.sent)  # A resent
+
+
+def test_rounds_go_on_with_the_clients_still_connected(tiny_cfg, monkeypatch):
+    import server.strategy as strategy_module
+
+    monkeypatch.setattr(strategy_module, "CLIENT_WAIT_SECONDS", 2)
+
+    def lose_node_2(grid, rnd):
+        if rnd == 2:
+            grid.contexts.pop(102)
+
+    cfg = tiny_cfg.replace(rounds=3, clients_per_round=2, epsilon=math.inf)
+    _, _, rounds = start(cfg, LocalGrid(3, before_round=lose_node_2))
+    # Round 2 may have addressed the lost node already; round 3 samples from the two left.
+    assert len(rounds) == 3 and rounds[0]["clients-replied"] == 2 and rounds[2]["clients-replied"] == 2
+
