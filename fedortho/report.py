@@ -143,11 +143,10 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
 
     by_epsilon = [g for g in groups if "epsilon" in g.values]
     if by_epsilon:
-        groups_all, groups = groups, by_epsilon
         fig, ax = plt.subplots(figsize=(6, 4))
-        finite = sorted({float(g.values["epsilon"]) for g in groups if math.isfinite(float(g.values["epsilon"]))})
+        finite = sorted({float(g.values["epsilon"]) for g in by_epsilon if math.isfinite(float(g.values["epsilon"]))})
         series: dict[str, list] = {}
-        for g in groups:
+        for g in by_epsilon:
             mean, std = _mean_std([_number(s["final-accuracy"]) for s in g.summaries])
             series.setdefault(label(g, label_keys), []).append(
                 (_epsilon_position(float(g.values["epsilon"]), finite), mean, std))
@@ -155,7 +154,7 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
             xs, ms, ss = zip(*sorted(points))
             ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=name)
         ticks = finite + ([_epsilon_position(math.inf, finite)] if any(
-            math.isinf(float(g.values["epsilon"])) for g in groups) else [])
+            math.isinf(float(g.values["epsilon"])) for g in by_epsilon) else [])
         ax.set_xticks(ticks, [f"{t:g}" for t in finite] + (["inf"] if len(ticks) > len(finite) else []))
         ax.set_xlabel("epsilon")
         ax.set_ylabel("final test accuracy (mean ± std over seeds)")
@@ -164,7 +163,6 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
         paths.append(out / "accuracy_vs_epsilon.png")
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
-        groups = groups_all
     for metric, ylabel, name in (("test-accuracy", "test accuracy", "accuracy_vs_round.png"),
                                  ("epsilon", "epsilon spent (max over clients)", "epsilon_vs_round.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
