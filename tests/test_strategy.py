@@ -199,17 +199,28 @@ def _products(state):
     return {k: state[k].double() @ state[k.replace("lora_B", "lora_A")].double() for k in state if "lora_B" in k}
 
 
-def test_kept_momentum_is_rotated_with_fedsvd(tiny_cfg, monkeypatch):
-    """Muon with kept state: FedSVD (A rotated every round, momentum rotated along) follows
-    FFA-LoRA from the same orthonormal A0 exactly; without the rotation it does not."""
+def _ffa_and_fedsvd_with_kept_muon(tiny_cfg):
+    """B·A per adapter after 3 rounds of FFA-LoRA and of FedSVD from the same orthonormal A0,
+    under Muon with kept state; also returns the config and the start."""
     cfg = tiny_cfg.replace(optimizer="muon", optimizer_state="keep", epsilon=math.inf, rounds=3, lr=0.02)
     start_state = adapter_state(build_model(cfg))
     start_state = {k: (torch.linalg.qr(v.double().T)[0].T.float().contiguous() if "lora_A" in k else v)
                    for k, v in start_state.items()}
     ffa = _products(_run_from(cfg.replace(strategy="ffa"), start_state))
     svd = _products(_run_from(cfg.replace(strategy="fedsvd"), start_state))
+    return ffa, svd, cfg, start_state
+
+
+def _assert_same_products(svd, ffa):
     for k in ffa:
         assert torch.allclose(svd[k], ffa[k], atol=1e-4 * float(ffa[k].abs().max())), k
+
+
+def test_kept_momentum_is_rotated_with_fedsvd(tiny_cfg, monkeypatch):
+    """Muon with kept state: FedSVD (A rotated every round, momentum rotated along) follows
+    FFA-LoRA from the same orthonormal A0 exactly; without the rotation it does not."""
+    ffa, svd, cfg, start_state = _ffa_and_fedsvd_with_kept_muon(tiny_cfg)
+    _assert_same_products(svd, ffa)
 
     import client.app as client_app_module
 
@@ -232,14 +243,8 @@ def test_kept_momentum_stays_in_step_with_a_after_a_failed_round(tiny_cfg, monke
         return real_round(work)
 
     monkeypatch.setattr(client_app_module, "run_client_round", fail_once)
-    cfg = tiny_cfg.replace(optimizer="muon", optimizer_state="keep", epsilon=math.inf, rounds=3, lr=0.02)
-    start_state = adapter_state(build_model(cfg))
-    start_state = {k: (torch.linalg.qr(v.double().T)[0].T.float().contiguous() if "lora_A" in k else v)
-                   for k, v in start_state.items()}
-    ffa = _products(_run_from(cfg.replace(strategy="ffa"), start_state))
-    svd = _products(_run_from(cfg.replace(strategy="fedsvd"), start_state))
-    for k in ffa:
-        assert torch.allclose(svd[k], ffa[k], atol=1e-4 * float(ffa[k].abs().max())), k
+    ffa, svd, _, _ = _ffa_and_fedsvd_with_kept_muon(tiny_cfg)
+    _assert_same_products(svd, ffa)
 
 
 def test_private_clients_do_not_report_their_training_loss(tiny_cfg):
