@@ -100,9 +100,13 @@ def _kept_optimizer_state(cfg: RunConfig, context: Context, held: dict):
     return tensors, scalars
 
 
-def _ledger(context: Context) -> PrivacyLedger | None:
+def _ledger(context: Context, cfg: RunConfig, partition_id: int, num_partitions: int) -> PrivacyLedger | None:
     path = context.node_config.get("privacy-ledger")
-    return PrivacyLedger(str(path)) if path else None
+    if not path:
+        return None
+    if not cfg.private:
+        raise RuntimeError(f"this node keeps a privacy ledger ({path}) and does not train without DP")
+    return PrivacyLedger(str(path), cfg.epsilon, cfg.delta, owner=f"partition {partition_id} of {num_partitions}")
 
 
 @app.query()
@@ -121,9 +125,7 @@ def train(msg: Message, context: Context) -> Message:
     received = msg.content[protocol.ARRAYS].to_torch_state_dict()
     held = _held_tensors(received, cfg, context, version)
 
-    ledger = _ledger(context)
-    if ledger is not None and not cfg.private:
-        raise RuntimeError(f"this node keeps a privacy ledger ({ledger.path}) and does not train without DP")
+    ledger = _ledger(context, cfg, partition_id, num_partitions)
     with ledger.locked() if ledger is not None else nullcontext():
         history = []
         if STATE_PRIVACY in context.state:
@@ -132,7 +134,11 @@ def train(msg: Message, context: Context) -> Message:
             # The plan travels with the client: whichever worker trains it next does not redo it.
             remember_plan(cfg.epsilon, cfg.delta, p["plan-sample-rate"], p["plan-steps"], p["plan-noise-multiplier"])
         if ledger is not None:
-            history = ledger.read(cfg.delta)  # every run's rounds on this node, this run's included
+            this_run = spent_epsilon(history, cfg.delta)
+            history = ledger.read()  # every run's rounds on this node, this run's included
+            if spent_epsilon(history, cfg.delta) < this_run - 1e-9:
+                raise RuntimeError(f"privacy ledger {ledger.path} shows less spending than this run's own "
+                                   "history (was it replaced or removed?); refusing to train")
         spent = spent_epsilon(history, cfg.delta)
         seen = float(round_config.get(protocol.EPSILON_SEEN, 0.0))
         if cfg.private and seen > spent + 1e-9:
@@ -152,7 +158,7 @@ def train(msg: Message, context: Context) -> Message:
                                     protocol.HELD_VERSION: version})
             return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
         if ledger is not None:
-            ledger.write(result.history, cfg.delta)  # before anything trained on the data leaves the node
+            ledger.write(result.history)  # before anything trained on the data leaves the node
 
     if cfg.optimizer_state == "keep":
         tensors, scalars = result.optimizer_state

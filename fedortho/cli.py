@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # what the ServerApp raised (run_simulation may wrap it in a RuntimeError)
         cause = exc.__cause__ or exc
-        print(f"fedortho: error: the simulation stopped: {type(cause).__name__}: {cause}", file=sys.stderr)
+        what = "the simulation stopped: " if args.command == "simulate" else ""
+        print(f"fedortho: error: {what}{type(cause).__name__}: {cause}", file=sys.stderr)
         return 1
 
 
@@ -131,10 +132,11 @@ def _sweep(args: argparse.Namespace) -> int:
     cells = sweep.cells()
     if args.dry_run:
         print(f"sweep {sweep.name}: {len(cells)} cells -> {sweep.out}")
+        changed = changed_settings(sweep, cells)
         for cell in cells:
-            print(f"  {cell_status(sweep.out / cell.name) or 'todo':<7} {cell.name}")
-        for line in changed_settings(sweep, cells):
-            print(f"  changed {line}")
+            status = "changed" if cell.name in changed else cell_status(sweep.out / cell.name) or "todo"
+            note = f"  ({changed[cell.name]})" if cell.name in changed else ""
+            print(f"  {status:<7} {cell.name}{note}")
         return 0
     counts = run_sweep(sweep, parallel=args.parallel)
     print(f"sweep {sweep.name}: {counts['ran']} ran, {counts['failed']} failed, "

@@ -143,15 +143,18 @@ class LedgerError(RuntimeError):
 class PrivacyLedger:
     """A node's spending across runs: the accountant's history in a JSON file on the node.
 
-    Flower keeps a client's state for one run only; a ledger makes the node's (epsilon, delta)
-    a budget for all the runs that train on its data. Every private round reads it under an
-    exclusive lock, trains with the whole history as its past, and writes the extended
-    history back (atomically) before the update leaves the node. A damaged ledger, or one
-    kept at another delta, stops training instead of starting a fresh budget.
+    Flower keeps a client's state for one run only; a ledger makes one (epsilon, delta)
+    budget cover every run that trains on the node's data. The ledger is bound to that
+    budget and to its owner (the partition) when first written: a run asking for another
+    budget, or another partition's client, is refused. Every private round reads it under
+    an exclusive lock, trains with the whole history as its past, and writes the extended
+    history back (atomically, synced to disk) before the update leaves the node. A damaged
+    ledger stops training instead of starting a fresh budget.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, epsilon: float, delta: float, owner: str) -> None:
         self.path = Path(path)
+        self.binding = {"owner": owner, "epsilon-budget": float(epsilon), "delta": float(delta)}
 
     @contextmanager
     def locked(self) -> Iterator["PrivacyLedger"]:
@@ -164,27 +167,35 @@ class PrivacyLedger:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def read(self, delta: float) -> History:
+    def read(self) -> History:
         if not self.path.exists():
             return []
         try:
             record = json.loads(self.path.read_text())
             history = [(float(s), float(q), int(n)) for s, q, n in record["history"]]
-            kept_delta = float(record["delta"])
+            bound = {key: record[key] for key in self.binding}
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             raise LedgerError(f"privacy ledger {self.path} is unreadable ({type(exc).__name__}); refusing to "
                               "train rather than start a fresh budget") from None
         if any(not (s > 0 and 0 < q <= 1 and n >= 1) for s, q, n in history):
             raise LedgerError(f"privacy ledger {self.path} holds impossible entries; refusing to train")
-        if kept_delta != float(delta):
-            raise LedgerError(f"privacy ledger {self.path} accounts at delta {kept_delta:g}, the run asks for "
-                              f"delta {delta:g}; refusing to train")
+        for key, value in self.binding.items():
+            if bound[key] != value:
+                raise LedgerError(f"privacy ledger {self.path} is kept for {key} {bound[key]}, this run has "
+                                  f"{key} {value}; refusing to train")
         return history
 
-    def write(self, history: Sequence[Sequence[float]], delta: float) -> None:
+    def write(self, history: Sequence[Sequence[float]]) -> None:
         entries = [[float(s), float(q), int(n)] for s, q, n in history]
-        record = {"delta": float(delta), "epsilon": spent_epsilon(entries, delta), "history": entries}
+        record = {**self.binding, "epsilon-spent": spent_epsilon(entries, self.binding["delta"]), "history": entries}
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(record, indent=1) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, self.path)
-
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power loss
+        finally:
+            os.close(directory)

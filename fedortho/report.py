@@ -2,7 +2,9 @@
 
 Cells that differ only in ``seed`` form a group; each row shows mean ± std over its seeds
 (sample standard deviation; 0 for a single seed) of the final and best test accuracy, the
-epsilon spent and the wall time.
+epsilon spent and the wall time. Only cells of the grid the sweep last ran with are counted
+(older cells left in the folder are named, not mixed in); damaged cells are named with the
+reason they were left out.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedortho.sweep import RUN, STATUS, cell_status
+from fedortho.config import ConfigError
+from fedortho.sweep import RUN, STATUS, Sweep, cell_status
 
 METRICS = (("final accuracy", "final-accuracy", 4), ("best accuracy", "best-accuracy", 4),
            ("epsilon spent", "epsilon-spent", 2), ("wall time (s)", "wall-seconds", 0))
@@ -39,6 +42,18 @@ class Cells:
     groups: list[Group]
     failed: list[tuple[str, str]]       # (cell, its error)
     unreadable: list[tuple[str, str]]   # (cell, why it was left out)
+    outside: list[str] = field(default_factory=list)  # cells of an earlier grid, left out
+
+
+def current_cell_names(sweep_dir: Path) -> set[str] | None:
+    """The cells of the grid the sweep last ran with (its ``sweep.json``); None if unknown."""
+    try:
+        spec = json.loads((sweep_dir / "sweep.json").read_text())
+        sweep = Sweep(name=str(spec["name"]), out=sweep_dir, base=dict(spec["base"]),
+                      grid={k: list(v) for k, v in spec["grid"].items()})
+        return {cell.name for cell in sweep.cells()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError):
+        return None
 
 
 def _failure(folder: Path) -> str:
@@ -64,8 +79,12 @@ def load_cells(sweep_dir: Path) -> Cells:
     """Every cell folder of ``sweep_dir``: finished ones grouped over seeds, failed ones with
     their error, damaged ones left out with the reason (one bad cell never stops a report)."""
     groups: dict[str, Group] = {}
-    failed, unreadable = [], []
+    failed, unreadable, outside = [], [], []
+    current = current_cell_names(sweep_dir)
     for folder in sorted(p for p in sweep_dir.iterdir() if (p / "cell.json").is_file()):
+        if current is not None and folder.name not in current:
+            outside.append(folder.name)
+            continue
         status = cell_status(folder)
         if status != "done":
             if status == "failed":
@@ -81,7 +100,7 @@ def load_cells(sweep_dir: Path) -> Cells:
         group = groups.setdefault(key, Group(key_values))
         group.summaries.append(summary)
         group.curves.append(curve)
-    return Cells(list(groups.values()), failed, unreadable)
+    return Cells(list(groups.values()), failed, unreadable, outside)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -200,6 +219,9 @@ def report(sweep_dir: str | Path, echo=print) -> str:
         text += "\nFailed cells:\n\n" + "".join(f"- {name}: {error}\n" for name, error in cells.failed)
     if cells.unreadable:
         text += "\nLeft out, unreadable:\n\n" + "".join(f"- {name}: {why}\n" for name, why in cells.unreadable)
+    if cells.outside:
+        text += (f"\nLeft out, not in the sweep's current grid: {len(cells.outside)} cells "
+                 f"({', '.join(cells.outside[:3])}{', ...' if len(cells.outside) > 3 else ''})\n")
     (sweep_dir / "results.md").write_text(text)
     with open(sweep_dir / "results.csv", "w", newline="") as fh:
         writer = csv.writer(fh)

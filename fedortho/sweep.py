@@ -135,9 +135,9 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def changed_settings(sweep: Sweep, cells: list[Cell]) -> list[str]:
-    """Finished cells that the sweep file now describes differently, one line each."""
-    lines = []
+def changed_settings(sweep: Sweep, cells: list[Cell]) -> dict[str, str]:
+    """Finished cells that the sweep file now describes differently: cell name -> what changed."""
+    changed = {}
     for cell in cells:
         folder = sweep.out / cell.name
         if cell_status(folder) != "done":
@@ -151,8 +151,8 @@ def changed_settings(sweep: Sweep, cells: list[Cell]) -> list[str]:
         diff = [k for k in now if now[k] != before[k]]
         if diff:
             k = diff[0]
-            lines.append(f"{cell.name}: ran with {k}={before[k]}, the sweep file now gives {k}={now[k]}")
-    return lines
+            changed[cell.name] = f"ran with {k}={before[k]}, the sweep file now gives {k}={now[k]}"
+    return changed
 
 
 def _cli_value(value: Any) -> str:
@@ -182,7 +182,8 @@ def run_sweep(sweep: Sweep, parallel: int = 1, run_cell: Callable[[Cell, Path], 
     cells = sweep.cells()
     changed = changed_settings(sweep, cells)
     if changed:
-        raise ConfigError(f"{len(changed)} finished cells in {sweep.out} ran with other settings ({changed[0]}); "
+        name, what = next(iter(changed.items()))
+        raise ConfigError(f"{len(changed)} finished cells in {sweep.out} ran with other settings ({name}: {what}); "
                           "move that folder away or give the sweep another [sweep] out")
     sweep.out.mkdir(parents=True, exist_ok=True)
     _write_json(sweep.out / "sweep.json", {"name": sweep.name, "base": sweep.base, "grid": sweep.grid})

@@ -86,7 +86,11 @@ class LoRAStrategy(FedAvg):
             holder = next((n for n, p in self.partition_of_node.items() if p == partition), None)
             if holder is not None:
                 if holder in nodes:
-                    raise RuntimeError(f"two client nodes claim partition-id {partition}")
+                    # A restarted SuperNode may show up before the SuperLink drops its old node id;
+                    # it is asked again next round, and takes over once the old id has gone.
+                    logger.warning("client node %d claims partition %d, still held by node %d; not sampled "
+                                   "until that node has gone", node, partition, holder)
+                    continue
                 del self.partition_of_node[holder]
                 self.held_version_at_node.pop(holder, None)
                 logger.info("client node %d took over partition %d from node %d, which has gone", node, partition,

@@ -291,22 +291,74 @@ def test_a_privacy_ledger_makes_the_budget_cover_every_run(tiny_cfg, tmp_path):
     assert unguarded[0]["clients-replied"] == 3
 
 
-def test_a_damaged_or_mismatched_ledger_stops_training_and_is_kept(tiny_cfg, tmp_path, caplog):
+def test_a_ledger_refuses_another_budget_another_owner_and_damage_and_is_kept(tiny_cfg, tmp_path, caplog):
     cfg = tiny_cfg.replace(rounds=1, epsilon=6.0)
-    damaged = tmp_path / "damaged.json"
-    damaged.write_text('{"delta": 1e-05, "history": [[1.0, 0.1')
-    _, _, rounds = start(cfg, LocalGrid(3, node_config={"privacy-ledger": str(damaged)}))
-    assert rounds[0]["clients-replied"] == 0 and rounds[0]["clients-failed"] == 3
-    assert damaged.read_text() == '{"delta": 1e-05, "history": [[1.0, 0.1'
+    ledgers = {i: tmp_path / f"ledger-{i}.json" for i in range(3)}
+    _, _, rounds = start(cfg, LocalGrid(3, node_config=lambda i: {"privacy-ledger": str(ledgers[i])}))
+    assert rounds[0]["clients-replied"] == 3
+    kept = {i: ledgers[i].read_text() for i in range(3)}
+
+    def refused(run_cfg, node_config, reason):
+        caplog.clear()
+        _, _, rounds = start(run_cfg, LocalGrid(3, node_config=node_config))
+        assert rounds[0]["clients-replied"] == 0 and rounds[0]["clients-failed"] == 3
+        assert reason in caplog.text
+        assert all(ledgers[i].read_text() == kept[i] for i in range(3))  # nothing lost or overwritten
+
+    # A larger budget asked by a later run is not a fresh budget.
+    refused(cfg.replace(epsilon=12.0), lambda i: {"privacy-ledger": str(ledgers[i])},
+            "is kept for epsilon-budget 6.0, this run has epsilon-budget 12.0")
+    refused(cfg.replace(delta=1e-6), lambda i: {"privacy-ledger": str(ledgers[i])}, "is kept for delta")
+    # Another partition's client (a shared path) may not spend this partition's budget.
+    refused(cfg, lambda i: {"privacy-ledger": str(ledgers[(i + 1) % 3])}, "is kept for owner partition")
+    refused(cfg.replace(epsilon=math.inf), lambda i: {"privacy-ledger": str(ledgers[i])},
+            "does not train without DP")
+    ledgers[0].write_text(kept[0][:40])
+    kept[0] = ledgers[0].read_text()
+    caplog.clear()
+    _, _, rounds = start(cfg, LocalGrid(3, node_config=lambda i: {"privacy-ledger": str(ledgers[i])}))
+    assert rounds[0]["clients-failed"] >= 1 and ledgers[0].read_text() == kept[0]
     assert "is unreadable (JSONDecodeError); refusing to train rather than start a fresh budget" in caplog.text
 
-    other_delta = tmp_path / "other.json"
-    other_delta.write_text('{"delta": 1e-06, "history": [[1.0, 0.1, 2]]}')
-    _, _, rounds = start(cfg, LocalGrid(3, node_config={"privacy-ledger": str(other_delta)}))
-    assert rounds[0]["clients-failed"] == 3
-    _, _, rounds = start(cfg.replace(epsilon=math.inf), LocalGrid(3, node_config={"privacy-ledger": str(tmp_path / "new.json")}))
-    assert rounds[0]["clients-failed"] == 3  # a node with a ledger does not train without DP
-    assert not (tmp_path / "new.json").exists()
+
+def test_a_private_node_restarted_with_its_ledger_trains_on(tiny_cfg, tmp_path):
+    def restart_node_0(grid, rnd):
+        if rnd == 2:  # comes back under a new node id, with no Flower state, before round 2 is sent
+            old = grid.contexts.pop(100)
+            grid.contexts[200] = Context(run_id=1, node_id=200, node_config=dict(old.node_config),
+                                         state=RecordDict(), run_config={})
+
+    cfg = tiny_cfg.replace(strategy="ffa", rounds=3, epsilon=6.0)
+    with_ledger = lambda i: {"privacy-ledger": str(tmp_path / f"ledger-{i}.json")}  # noqa: E731
+    _, _, rounds = start(cfg, LocalGrid(3, node_config=with_ledger, before_round=restart_node_0))
+    assert rounds[2]["clients-replied"] == 3  # the server saw its spending; the ledger vouches for it
+    _, _, rounds = start(cfg, LocalGrid(3, before_round=restart_node_0))
+    assert rounds[2]["clients-replied"] == 2 and rounds[2]["clients-failed"] == 1  # no ledger: refuses
+
+
+def test_the_ledger_lock_makes_rounds_take_turns(tmp_path):
+    import threading
+
+    from fedortho.privacy import PrivacyLedger
+
+    order, holding = [], threading.Event()
+    first = PrivacyLedger(tmp_path / "ledger.json", 6.0, 1e-5, "partition 0 of 1")
+    second = PrivacyLedger(tmp_path / "ledger.json", 6.0, 1e-5, "partition 0 of 1")
+
+    def slow_round():
+        with first.locked():
+            holding.set()
+            threading.Event().wait(0.5)
+            first.write([(1.0, 0.1, 2)])
+            order.append("first wrote")
+
+    thread = threading.Thread(target=slow_round)
+    thread.start()
+    holding.wait()
+    with second.locked():
+        order.append(f"second read {len(second.read())} entries")
+    thread.join()
+    assert order == ["first wrote", "second read 1 entries"]
 
 
 def test_a_restarted_node_takes_its_partition_over(tiny_cfg):
@@ -323,6 +375,21 @@ def test_a_restarted_node_takes_its_partition_over(tiny_cfg):
     assert [r["clients-replied"] for r in rounds] == [3, 2, 3]
     assert strategy.partition_of_node == {101: 1, 102: 2, 200: 0}
     assert any(node == 200 and any("lora_A" in k for k in keys) for node, keys in grid.sent)  # A resent
+
+
+def test_a_node_back_before_its_old_id_has_gone_waits_then_takes_over(tiny_cfg):
+    def restart_node_0(grid, rnd):
+        if rnd == 1:  # the new node id appears while the SuperLink still lists the old one
+            old = grid.contexts[100]
+            grid.contexts[200] = Context(run_id=1, node_id=200, node_config=dict(old.node_config),
+                                         state=RecordDict(), run_config={})
+        if rnd == 2:
+            grid.contexts.pop(100)
+
+    cfg = tiny_cfg.replace(strategy="ffa", rounds=4, epsilon=math.inf)
+    strategy, _, rounds = start(cfg, LocalGrid(3, before_round=restart_node_0))
+    assert len(rounds) == 4 and rounds[-1]["clients-replied"] == 3
+    assert strategy.partition_of_node == {101: 1, 102: 2, 200: 0}
 
 
 def test_rounds_go_on_with_the_clients_still_connected(tiny_cfg, monkeypatch):

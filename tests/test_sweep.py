@@ -170,6 +170,42 @@ def test_a_damaged_cell_is_left_out_of_the_report_with_its_reason(tmp_path):
     assert "Left out, unreadable:\n\n- epsilon-3_seed-1: JSONDecodeError" in text
 
 
+def test_cells_of_an_earlier_grid_are_kept_out_of_the_report(tmp_path):
+    sweep = small_sweep(tmp_path)
+    run_sweep(sweep, run_cell=fake_cell, echo=lambda _: None)
+    # The grid gains a key: every cell name changes, and the old cells stay in the folder.
+    wider = Sweep(name="t", out=sweep.out, base={"rounds": 2}, grid={**sweep.grid, "local-steps": [3]})
+    run_sweep(wider, run_cell=lambda c, f: fake_cell(c, f, accuracy=0.9), echo=lambda _: None)
+    text = report(sweep.out, echo=lambda _: None)
+    assert text.count("| 0.9000 ± 0.0000 |") == 3 and "0.5000" not in text
+    assert "Left out, not in the sweep's current grid: 6 cells (epsilon-3_seed-0, epsilon-3_seed-1, epsilon-6_seed-0, ...)" in text
+
+
+def test_dry_run_names_the_cells_whose_settings_changed(tmp_path):
+    sweep = small_sweep(tmp_path)
+    run_sweep(sweep, run_cell=fake_cell, echo=lambda _: None)
+    path = write(tmp_path, f"""
+[sweep]
+name = "t"
+out = "{sweep.out}"
+[base]
+rounds = 3
+[grid]
+epsilon = [3.0, 6.0, inf]
+seed = [0, 1, 2]
+""")
+    proc = subprocess.run([sys.executable, "-m", "fedortho.cli", "sweep", str(path), "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "  changed epsilon-3_seed-0  (ran with rounds=1, the sweep file now gives rounds=3)" in lines
+    assert "  todo    epsilon-3_seed-2" in lines
+    proc = subprocess.run([sys.executable, "-m", "fedortho.cli", "sweep", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("fedortho: error: 6 finished cells")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_report_gives_the_expected_table(tmp_path):
     sweep = small_sweep(tmp_path)
     accuracy = {("3", 0): 0.60, ("3", 1): 0.64, ("6", 0): 0.70, ("6", 1): 0.70, ("inf", 0): 0.80, ("inf", 1): 0.90}
