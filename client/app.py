@@ -16,6 +16,7 @@ run (``fedortho.privacy.PrivacyLedger``).
 
 from __future__ import annotations
 
+import json
 import secrets
 from contextlib import nullcontext
 
@@ -127,18 +128,22 @@ def train(msg: Message, context: Context) -> Message:
 
     ledger = _ledger(context, cfg, partition_id, num_partitions)
     with ledger.locked() if ledger is not None else nullcontext():
-        history = []
+        history, prior = [], None
         if STATE_PRIVACY in context.state:
             p = context.state[STATE_PRIVACY]
             history = list(zip(p["noise-multipliers"], p["sample-rates"], p["steps"]))
+            prior = json.loads(str(p.get("plan-prior", "[]")))
             # The plan travels with the client: whichever worker trains it next does not redo it.
-            remember_plan(cfg.epsilon, cfg.delta, p["plan-sample-rate"], p["plan-steps"], p["plan-noise-multiplier"])
+            remember_plan(cfg.epsilon, cfg.delta, p["plan-sample-rate"], p["plan-steps"], p["plan-noise-multiplier"],
+                          prior)
         if ledger is not None:
             this_run = spent_epsilon(history, cfg.delta)
             history = ledger.read()  # every run's rounds on this node, this run's included
             if spent_epsilon(history, cfg.delta) < this_run - 1e-9:
                 raise RuntimeError(f"privacy ledger {ledger.path} shows less spending than this run's own "
                                    "history (was it replaced or removed?); refusing to train")
+        if prior is None:  # this client's first round of the run: the plan covers what is left
+            prior = list(history)
         spent = spent_epsilon(history, cfg.delta)
         seen = float(round_config.get(protocol.EPSILON_SEEN, 0.0))
         if cfg.private and seen > spent + 1e-9:
@@ -149,7 +154,7 @@ def train(msg: Message, context: Context) -> Message:
         work = ClientWork(cfg=cfg, partition_id=partition_id, num_partitions=num_partitions,
                           server_round=int(round_config[protocol.SERVER_ROUND]), global_state={**received, **held},
                           history=history, seed=secrets.randbits(62) if secure else None,
-                          optimizer_state=_kept_optimizer_state(cfg, context, held))
+                          optimizer_state=_kept_optimizer_state(cfg, context, held), prior=prior)
         try:
             result = run_client_round(work)
         except BudgetExhausted:
@@ -172,6 +177,7 @@ def train(msg: Message, context: Context) -> Message:
             "noise-multipliers": [float(s) for s in sigmas], "sample-rates": [float(q) for q in rates],
             "steps": [int(n) for n in steps], "plan-sample-rate": result.sample_rate,
             "plan-steps": result.planned_steps, "plan-noise-multiplier": result.noise_multiplier,
+            "plan-prior": json.dumps(prior),
             **{f"run-{key}": float(getattr(cfg, key)) for key in protocol.PRIVACY_KEYS},
         })
     metrics = {

@@ -43,19 +43,28 @@ def planned_participations(rounds: int, clients: int, clients_per_round: int) ->
     return max(1, math.ceil(rounds * clients_per_round / clients))
 
 
-_PLANS: dict[tuple[float, float, float, int], float] = {}
+_PLANS: dict[tuple, float] = {}
+MAX_NOISE_MULTIPLIER = 1e6  # Opacus' own bound when it searches for a noise multiplier
+EPSILON_TOLERANCE = 0.01
 
 
-def plan_noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Smallest noise multiplier (to Opacus' tolerance) with epsilon(steps) <= target.
+def _plan_key(epsilon: float, delta: float, sample_rate: float, steps: int, prior: Sequence = ()) -> tuple:
+    return (float(epsilon), float(delta), float(sample_rate), int(steps),
+            tuple((float(s), float(q), int(n)) for s, q, n in prior))
 
-    Planned once per distinct (epsilon, delta, sample rate, steps) in a process: planning
+
+def plan_noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int,
+                          prior: Sequence[Sequence[float]] = ()) -> float:
+    """Smallest noise multiplier (to within 0.01 in epsilon) with epsilon(prior + steps) <= target.
+
+    ``prior`` is spending that came before this run (a node's ledger): the plan then covers
+    what is left of the budget. Planned once per distinct setting in a process: planning
     runs a binary search over the accountant and is the slow part of setting up a private
     client. ``remember_plan`` lets a client carry its plan to whichever process trains it next.
     """
-    key = (float(epsilon), float(delta), float(sample_rate), int(steps))
+    key = _plan_key(epsilon, delta, sample_rate, steps, prior)
     if key not in _PLANS:
-        _PLANS[key] = _search_noise_multiplier(*key)
+        _PLANS[key] = _search_after_prior(*key) if prior else _search_noise_multiplier(*key[:4])
     return _PLANS[key]
 
 
@@ -63,26 +72,51 @@ class BudgetTooSmall(ValueError):
     """No noise multiplier Opacus will consider keeps the planned steps within the target."""
 
 
-def check_plannable(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+def check_plannable(epsilon: float, delta: float, sample_rate: float, steps: int,
+                    prior: Sequence[Sequence[float]] = ()) -> float:
     """The planned noise multiplier, or BudgetTooSmall with the setting that made it impossible."""
     try:
-        return plan_noise_multiplier(epsilon, delta, sample_rate, steps)
+        return plan_noise_multiplier(epsilon, delta, sample_rate, steps, prior)
     except ValueError:  # Opacus: "The privacy budget is too low."
+        left = "what is left of " if prior else ""
         raise BudgetTooSmall(
             f"epsilon {epsilon:g} is too small: no noise multiplier keeps {steps} steps at sample rate "
-            f"{sample_rate:.3g} within it at delta {delta:g} (raise epsilon, or lower rounds or local-steps)"
+            f"{sample_rate:.3g} within {left}it at delta {delta:g} (raise epsilon, or lower rounds or local-steps)"
         ) from None
 
 
-def remember_plan(epsilon: float, delta: float, sample_rate: float, steps: int, noise_multiplier: float) -> None:
-    _PLANS[(float(epsilon), float(delta), float(sample_rate), int(steps))] = float(noise_multiplier)
+def remember_plan(epsilon: float, delta: float, sample_rate: float, steps: int, noise_multiplier: float,
+                  prior: Sequence[Sequence[float]] = ()) -> None:
+    _PLANS[_plan_key(epsilon, delta, sample_rate, steps, prior)] = float(noise_multiplier)
+
+
+def _search_after_prior(epsilon: float, delta: float, sample_rate: float, steps: int, prior: tuple) -> float:
+    """Opacus' search (double, then bisect) with the prior spending composed in."""
+    def spent_with(sigma: float) -> float:
+        return spent_epsilon([*prior, (sigma, sample_rate, steps)], delta)
+
+    if epsilon - spent_epsilon(prior, delta) < EPSILON_TOLERANCE:  # below the search's own precision
+        raise ValueError("The privacy budget is too low.")
+
+    low, high = 0.0, 10.0
+    while spent_with(high) > epsilon:
+        high *= 2
+        if high > MAX_NOISE_MULTIPLIER:
+            raise ValueError("The privacy budget is too low.")
+    while epsilon - spent_with(high) > EPSILON_TOLERANCE:
+        middle = (low + high) / 2
+        if spent_with(middle) < epsilon:
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def _search_noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
     return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=ACCOUNTANT, epsilon_tolerance=0.01))
+                                      steps=steps, accountant=ACCOUNTANT, epsilon_tolerance=EPSILON_TOLERANCE))
 
 
 def make_accountant(history: Sequence[Sequence[float]] = ()):

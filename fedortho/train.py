@@ -66,13 +66,15 @@ def _batches(loader: DataLoader):
 
 def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig, trainable: list[str],
                  history: privacy.History, seed: int,
-                 optimizer_state: tuple[dict, dict] | None = None) -> ClientResult:
+                 optimizer_state: tuple[dict, dict] | None = None, prior: privacy.History = ()) -> ClientResult:
     """Train ``trainable`` adapter tensors of ``model`` for ``cfg.local_steps`` steps.
 
     With a finite ``cfg.epsilon``: Poisson sampling, per-sample clipping to ``cfg.clip`` and
     Gaussian noise with the multiplier planned for the client's whole participation; raises
     ``privacy.BudgetExhausted`` (before training) if the round would exceed the target.
     ``history`` is the accountant's history so far; the result carries the extended one.
+    ``prior`` is the part of it spent before this run (a node's ledger): the noise is planned
+    for what is left of the budget.
     ``optimizer_state`` (from ``fedortho.optim.state.export_state``) resumes the optimizer;
     the result carries its final state.
     """
@@ -93,7 +95,12 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
     if cfg.private:
         rate = privacy.sample_rate(n, min(cfg.batch_size, n))
         planned = cfg.local_steps * privacy.planned_participations(cfg.rounds, cfg.clients, cfg.clients_per_round)
-        sigma = privacy.check_plannable(cfg.epsilon, cfg.delta, rate, planned)
+        try:
+            sigma = privacy.check_plannable(cfg.epsilon, cfg.delta, rate, planned, prior)
+        except privacy.BudgetTooSmall as exc:
+            if not prior:
+                raise
+            raise privacy.BudgetExhausted(f"earlier runs left too little budget: {exc}") from None
         privacy.check_budget(history, sigma, rate, cfg.local_steps, cfg.epsilon, cfg.delta)
         noise_gen = torch.Generator().manual_seed(noise_seed)
         with warnings.catch_warnings():

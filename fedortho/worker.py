@@ -57,6 +57,7 @@ class ClientWork:
     history: History = field(default_factory=list)
     seed: int | None = None  # None: derived from the run seed, the round and the partition
     optimizer_state: tuple[dict, dict] | None = None  # kept from the client's last round
+    prior: History = field(default_factory=list)  # spent before this run (a node's ledger)
 
 
 def run_client_round(work: ClientWork) -> ClientResult:
@@ -72,4 +73,4 @@ def run_client_round(work: ClientWork) -> ClientResult:
     dataset = data.client_dataset(cfg, work.partition_id, work.num_partitions)
     names = trainable_names(expected, cfg.strategy, cfg.train_head)
     seed = work.seed if work.seed is not None else round_seed(cfg.seed, work.server_round, work.partition_id)
-    return train_client(model, dataset, cfg, names, work.history, seed, work.optimizer_state)
+    return train_client(model, dataset, cfg, names, work.history, seed, work.optimizer_state, work.prior)

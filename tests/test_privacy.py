@@ -27,6 +27,25 @@ def test_planned_noise_spends_at_most_the_target(epsilon, q, steps):
     assert spent > epsilon - 0.1  # and not wastefully more noise than needed
 
 
+def test_a_plan_after_prior_spending_covers_what_is_left():
+    acc = RDPAccountant()
+    for _ in range(20):
+        acc.step(noise_multiplier=0.7, sample_rate=0.05)
+    prior = list(acc.history)
+    before = acc.get_epsilon(delta=1e-5)
+    sigma = privacy.plan_noise_multiplier(6.0, 1e-5, 0.05, 20, prior=prior)
+    for _ in range(20):  # Opacus' accountant, stepped one step at a time, is the reference
+        acc.step(noise_multiplier=sigma, sample_rate=0.05)
+    total = acc.get_epsilon(delta=1e-5)
+    assert 5.9 < total <= 6.0
+    # The plan that ignores the prior would overspend.
+    fresh = privacy.plan_noise_multiplier(6.0, 1e-5, 0.05, 20)
+    assert fresh < sigma and privacy.spent_epsilon([*prior, (fresh, 0.05, 20)], 1e-5) > 6.0
+    # Less left than the search can resolve: no plan.
+    with pytest.raises(privacy.BudgetTooSmall, match="within what is left of it"):
+        privacy.check_plannable(before + 0.005, 1e-5, 0.05, 20, prior=prior)
+
+
 def test_a_budget_too_small_to_plan_is_named_before_training():
     with pytest.raises(privacy.BudgetTooSmall, match="epsilon 0.001 is too small") as info:
         privacy.check_plannable(1e-3, 1e-5, 0.05, 24)

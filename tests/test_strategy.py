@@ -291,6 +291,25 @@ def test_a_privacy_ledger_makes_the_budget_cover_every_run(tiny_cfg, tmp_path):
     assert unguarded[0]["clients-replied"] == 3
 
 
+def test_a_later_run_plans_its_noise_for_what_the_ledger_has_left(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(rounds=2, epsilon=6.0)
+    with_ledger = lambda i: {"privacy-ledger": str(tmp_path / f"ledger-{i}.json")}  # noqa: E731
+    # The first run stops after one of its two planned rounds: part of the budget is left.
+    strategy = LoRAStrategy(cfg)
+    strategy.start(grid=LocalGrid(3, node_config=with_ledger), num_rounds=1,
+                   initial_arrays=ArrayRecord(adapter_state(build_model(cfg))))
+    spent_first = strategy.last_round["epsilon-max"]
+    assert 0 < spent_first < cfg.epsilon - 0.5
+
+    # The second run trains both its rounds and ends within the budget, close to it.
+    _, _, second = start(cfg, LocalGrid(3, node_config=with_ledger))
+    assert [r["clients-replied"] for r in second] == [3, 3]
+    assert spent_first < second[0]["epsilon-max"] < second[1]["epsilon-max"] <= cfg.epsilon
+    assert second[1]["epsilon-max"] > cfg.epsilon - 0.1
+    for i in range(3):
+        assert _ledger_epsilon(tmp_path / f"ledger-{i}.json", cfg.delta) <= cfg.epsilon
+
+
 def test_a_ledger_refuses_another_budget_another_owner_and_damage_and_is_kept(tiny_cfg, tmp_path, caplog):
     cfg = tiny_cfg.replace(rounds=1, epsilon=6.0)
     ledgers = {i: tmp_path / f"ledger-{i}.json" for i in range(3)}
