@@ -142,28 +142,36 @@ def test_non_matrix_parameters_use_adamw_or_sgd_in_the_same_optimizer():
 
 @pytest.mark.parametrize("name", list(CLASSES))
 def test_state_dict_round_trip(name):
+    """Three same-shape matrices share one stacked state; a saved and loaded state (separate
+    tensors again) continues exactly as the optimizer that never stopped."""
     g = torch.Generator().manual_seed(5)
-    start = torch.randn(16, 4, generator=g)
-    grads = [torch.randn(16, 4, generator=g) for _ in range(4)]
-    a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    opt_a = CLASSES[name]([a], lr=0.05)
-    for gr in grads[:2]:
-        a.grad = gr.clone()
+    starts = [torch.randn(16, 4, generator=g) for _ in range(3)]
+    grads = [[torch.randn(16, 4, generator=g) for _ in range(3)] for _ in range(4)]
+    a = [torch.nn.Parameter(s.clone()) for s in starts]
+    b = [torch.nn.Parameter(s.clone()) for s in starts]
+    opt_a = CLASSES[name](a, lr=0.05)
+    for step in grads[:2]:
+        for p, gr in zip(a, step):
+            p.grad = gr.clone()
         opt_a.step()
     with torch.no_grad():
-        b.copy_(a)
-    opt_b = CLASSES[name]([b], lr=0.05)
+        for pb, pa in zip(b, a):
+            pb.copy_(pa)
+    opt_b = CLASSES[name](b, lr=0.05)
     import io
 
     buffer = io.BytesIO()
     torch.save(opt_a.state_dict(), buffer)  # a real save and load, not shared tensors
     buffer.seek(0)
     opt_b.load_state_dict(torch.load(buffer))
-    for gr in grads[2:]:
-        a.grad, b.grad = gr.clone(), gr.clone()
+    for step in grads[2:]:
+        for pa, pb, gr in zip(a, b, step):
+            pa.grad, pb.grad = gr.clone(), gr.clone()
         opt_a.step()
         opt_b.step()
-    assert torch.equal(a, b)
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa, pb)
+        assert torch.equal(opt_a.state[pa]["momentum_buffer"], opt_b.state[pb]["momentum_buffer"])
 
 
 @pytest.mark.parametrize("name,tol", [("muon", 1e-10), ("normuon", 1e-10), ("auon", 1e-3)])

@@ -86,21 +86,39 @@ class OrthogonalMomentum(torch.optim.Optimizer):
                     self._orthogonal_update(same_shape[start:start + size], group)
         return loss
 
-    def _momentum_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        buffers = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buffers.append(state["momentum_buffer"])
-        return buffers
+    def _stacked_state(self, params: list[torch.Tensor], key: str, shape: tuple) -> torch.Tensor:
+        """One (k, *shape) tensor whose rows are ``state[p][key]`` of the k ``params``.
+
+        Each parameter's state is a view of one row, so updating the stack in place updates
+        every parameter's state at once, without stacking and copying back every step. The
+        stack is built on first use, and again (keeping the values) whenever the rows are no
+        longer views of one stack, e.g. after a state was loaded.
+        """
+        rows = [self.state[p].get(key) for p in params]
+        base = rows[0]._base if rows[0] is not None else None
+        if (base is not None and base.shape == (len(params), *shape)
+                and all(r is not None and r._base is base and r.data_ptr() == base[i].data_ptr()
+                        for i, r in enumerate(rows))):
+            return base
+        stack = torch.zeros((len(params), *shape), dtype=params[0].dtype, device=params[0].device)
+        for i, (p, row) in enumerate(zip(params, rows)):
+            if row is not None:
+                stack[i].copy_(row)
+            self.state[p][key] = stack[i]
+        return stack
+
+    def _nesterov_momentum(self, params: list[torch.Tensor], group: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u, M): the momentum stack after M <- beta M + (1 - beta) G, and the direction's
+        input u (Nesterov: lerp(G, M, beta); else a copy of M), a fresh tensor to work in."""
+        beta = group["momentum"]
+        momentum = self._stacked_state(params, "momentum_buffer", tuple(params[0].shape))
+        grads = torch.stack([p.grad for p in params])
+        momentum.lerp_(grads, 1 - beta)
+        return (grads.lerp_(momentum, beta) if group["nesterov"] else momentum.clone()), momentum
 
     def _orthogonal_update(self, params: list[torch.Tensor], group: dict) -> None:
-        beta, lr = group["momentum"], group["lr"]
-        grads = [p.grad for p in params]
-        buffers = self._momentum_buffers(params)
-        torch._foreach_lerp_(buffers, grads, 1 - beta)  # M <- beta M + (1 - beta) G
-        u = torch.stack(grads).lerp_(torch.stack(buffers), beta) if group["nesterov"] else torch.stack(buffers)
+        lr = group["lr"]
+        u, _ = self._nesterov_momentum(params, group)
         direction = self.direction(u, params, group)
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
@@ -141,13 +159,15 @@ class AuON(OrthogonalMomentum):
     relative singular values; the cosh factor (within ~1e-3 of 1) bounds the step's RMS."""
 
     default_lr = 0.05
+    # No Gram products to keep in cache: a few elementwise passes gain from fewer, larger
+    # calls (measured on 2 cores: 48 matrices of 1024x8 in one call, 11% faster than 16).
+    CPU_BATCH_BYTES = 4 * 1024 * 1024
 
     def direction(self, u, params, group):
         return kernels.auon_direction(u)
 
     def _orthogonal_update(self, params, group):
         beta, lr = group["momentum"], group["lr"]
-        buffers = self._momentum_buffers(params)
         m, n = params[0].shape
         step = lr * shape_scale(m, n)
         fusable = (kernels.use_triton(params[0]) and group["nesterov"] and not group["weight_decay"]
@@ -155,24 +175,19 @@ class AuON(OrthogonalMomentum):
         if fusable:  # GPU: the whole step in two passes over memory
             from fedortho.optim.kernels.triton_kernels import fused_auon_step
 
-            stacked_p, stacked_m = torch.stack(params), torch.stack(buffers)
-            fused_auon_step(stacked_p, torch.stack([p.grad for p in params]), stacked_m, beta, step)
+            momentum = self._stacked_state(params, "momentum_buffer", (m, n))
+            stacked_p = torch.stack(params)
+            fused_auon_step(stacked_p, torch.stack([p.grad for p in params]), momentum, beta, step)
             torch._foreach_copy_(params, list(stacked_p.unbind(0)))
-            torch._foreach_copy_(buffers, list(stacked_m.unbind(0)))
             return
-        # CPU: AuON needs only per-matrix scalars (the norm and the cosh factor), so multi-tensor
-        # (foreach) operations do it in one call per shape without stacking large temporaries.
-        grads = [p.grad for p in params]
-        torch._foreach_lerp_(buffers, grads, 1 - beta)
-        u = torch._foreach_lerp(grads, buffers, beta) if group["nesterov"] else [b.clone() for b in buffers]
-        norms = torch._foreach_add(torch._foreach_norm(u), EPS)
-        x = torch._foreach_div(u, norms)
-        cosh = torch._foreach_cosh(x)
-        cosh_rms = torch._foreach_div(torch._foreach_norm(cosh), float(m * n) ** 0.5)  # sqrt(mean(cosh^2))
-        torch._foreach_div_(x, cosh_rms)
+        # CPU: AuON needs only two scalars per matrix (its norm and the cosh factor), so the
+        # direction is computed in place on the stack, with no further temporaries.
+        x, _ = self._nesterov_momentum(params, group)
+        x.div_(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).add_(EPS))
+        x.div_(torch.linalg.vector_norm(torch.cosh(x), dim=(-2, -1), keepdim=True).div_((m * n) ** 0.5))
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        torch._foreach_add_(params, x, alpha=-step)
+        torch._foreach_add_(params, list(x.unbind(0)), alpha=-step)
 
 
 class HybridAuON(OrthogonalMomentum):
@@ -196,13 +211,5 @@ class NorMuon(OrthogonalMomentum):
             group.setdefault("beta2", beta2)
 
     def direction(self, u, params, group):
-        moments = []
-        for p in params:
-            state = self.state[p]
-            if "second_moment" not in state:
-                state["second_moment"] = torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device)
-            moments.append(state["second_moment"])
-        stacked = torch.stack(moments)
-        out = kernels.normuon_direction(u, stacked, group["beta2"])
-        torch._foreach_copy_(moments, list(stacked.unbind(0)))
-        return out
+        moments = self._stacked_state(params, "second_moment", (params[0].shape[0], 1))
+        return kernels.normuon_direction(u, moments, group["beta2"])  # updates the moments in place
