@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 
 from fedortho.optim import kernels
-from fedortho.optim.orthogonal import EPS, shape_scale
+from fedortho.optim.orthogonal import shape_scale
 
 
 class OrthogonalMomentum(torch.optim.Optimizer):
@@ -107,18 +107,13 @@ class OrthogonalMomentum(torch.optim.Optimizer):
             self.state[p][key] = stack[i]
         return stack
 
-    def _nesterov_momentum(self, params: list[torch.Tensor], group: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(u, M): the momentum stack after M <- beta M + (1 - beta) G, and the direction's
-        input u (Nesterov: lerp(G, M, beta); else a copy of M), a fresh tensor to work in."""
-        beta = group["momentum"]
+    def _orthogonal_update(self, params: list[torch.Tensor], group: dict) -> None:
+        beta, lr = group["momentum"], group["lr"]
         momentum = self._stacked_state(params, "momentum_buffer", tuple(params[0].shape))
         grads = torch.stack([p.grad for p in params])
-        momentum.lerp_(grads, 1 - beta)
-        return (grads.lerp_(momentum, beta) if group["nesterov"] else momentum.clone()), momentum
-
-    def _orthogonal_update(self, params: list[torch.Tensor], group: dict) -> None:
-        lr = group["lr"]
-        u, _ = self._nesterov_momentum(params, group)
+        momentum.lerp_(grads, 1 - beta)  # M <- beta M + (1 - beta) G
+        # u (Nesterov: lerp(G, M, beta)) is a fresh tensor: the direction may work in it.
+        u = grads.lerp_(momentum, beta) if group["nesterov"] else momentum.clone()
         direction = self.direction(u, params, group)
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
@@ -167,27 +162,19 @@ class AuON(OrthogonalMomentum):
         return kernels.auon_direction(u)
 
     def _orthogonal_update(self, params, group):
-        beta, lr = group["momentum"], group["lr"]
-        m, n = params[0].shape
-        step = lr * shape_scale(m, n)
         fusable = (kernels.use_triton(params[0]) and group["nesterov"] and not group["weight_decay"]
                    and params[0].dtype == torch.float32 and kernels.triton_fits(params[0]))
-        if fusable:  # GPU: the whole step in two passes over memory
-            from fedortho.optim.kernels.triton_kernels import fused_auon_step
+        if not fusable:  # the shared step, with the direction computed in place (CPU)
+            return super()._orthogonal_update(params, group)
+        # GPU: the whole step in two passes over memory
+        from fedortho.optim.kernels.triton_kernels import fused_auon_step
 
-            momentum = self._stacked_state(params, "momentum_buffer", (m, n))
-            stacked_p = torch.stack(params)
-            fused_auon_step(stacked_p, torch.stack([p.grad for p in params]), momentum, beta, step)
-            torch._foreach_copy_(params, list(stacked_p.unbind(0)))
-            return
-        # CPU: AuON needs only two scalars per matrix (its norm and the cosh factor), so the
-        # direction is computed in place on the stack, with no further temporaries.
-        x, _ = self._nesterov_momentum(params, group)
-        x.div_(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).add_(EPS))
-        x.div_(torch.linalg.vector_norm(torch.cosh(x), dim=(-2, -1), keepdim=True).div_((m * n) ** 0.5))
-        if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        torch._foreach_add_(params, list(x.unbind(0)), alpha=-step)
+        m, n = params[0].shape
+        momentum = self._stacked_state(params, "momentum_buffer", (m, n))
+        stacked_p = torch.stack(params)
+        fused_auon_step(stacked_p, torch.stack([p.grad for p in params]), momentum, group["momentum"],
+                        group["lr"] * shape_scale(m, n))
+        torch._foreach_copy_(params, list(stacked_p.unbind(0)))
 
 
 class HybridAuON(OrthogonalMomentum):

@@ -46,14 +46,20 @@ def newton_schulz(u: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
 
 
 def cosh_rms(x: torch.Tensor) -> torch.Tensor:
-    """r = sqrt(mean(cosh(X)^2)) per matrix, shape (..., 1, 1)."""
-    return torch.cosh(x).square().mean(dim=(-2, -1), keepdim=True).sqrt()
+    """r = sqrt(mean(cosh(X)^2)) per matrix, shape (..., 1, 1): ||cosh(X)||_F / sqrt(m n)."""
+    return torch.linalg.matrix_norm(torch.cosh(x), keepdim=True) / (x.shape[-2] * x.shape[-1]) ** 0.5
 
 
 def auon_direction(u: torch.Tensor) -> torch.Tensor:
     """AuON (paper version): X = u / ||u||_F, divided by sqrt(mean(cosh(X)^2))."""
-    x = frobenius_normalize(u)
-    return x / cosh_rms(x)
+    return auon_direction_(u.clone())
+
+
+def auon_direction_(u: torch.Tensor) -> torch.Tensor:
+    """``auon_direction`` computed in ``u`` itself (returned): AuON needs only two scalars per
+    matrix, so the optimizer's step needs no temporaries beyond the cosh."""
+    u.div_(torch.linalg.matrix_norm(u, keepdim=True).add_(EPS))
+    return u.div_(cosh_rms(u))
 
 
 def hybrid_auon_direction(u: torch.Tensor) -> torch.Tensor:

@@ -41,11 +41,12 @@ def newton_schulz(u: torch.Tensor) -> torch.Tensor:
 
 
 def auon_direction(u: torch.Tensor) -> torch.Tensor:
+    """AuON's direction; ``u`` is scratch (the torch path computes in place in it)."""
     if use_triton(u):
         from fedortho.optim.kernels import triton_kernels
 
         return triton_kernels.auon_direction(u)
-    return orthogonal.auon_direction(u)
+    return orthogonal.auon_direction_(u)
 
 
 def hybrid_auon_direction(u: torch.Tensor) -> torch.Tensor:
