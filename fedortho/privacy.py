@@ -12,13 +12,14 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from torch.utils.data import DataLoader
+
+from fedortho.runs import write_json_atomic
 
 ACCOUNTANT = "rdp"
 # With little noise the best RDP order is the largest default one; the bound stays valid
@@ -222,14 +223,4 @@ class PrivacyLedger:
     def write(self, history: Sequence[Sequence[float]]) -> None:
         entries = [[float(s), float(q), int(n)] for s, q, n in history]
         record = {**self.binding, "epsilon-spent": spent_epsilon(entries, self.binding["delta"]), "history": entries}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(record, indent=1) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself survives a power loss
-        finally:
-            os.close(directory)
+        write_json_atomic(self.path, record)

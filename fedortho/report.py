@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedortho.config import ConfigError
-from fedortho.sweep import RUN, STATUS, Sweep, cell_status
+from fedortho.sweep import RUN, STATUS, Sweep, cell_status, value_text
 
 METRICS = (("final accuracy", "final-accuracy", 4), ("best accuracy", "best-accuracy", 4),
            ("epsilon spent", "epsilon-spent", 2), ("wall time (s)", "wall-seconds", 0))
@@ -115,12 +115,6 @@ def _fmt(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _cell_text(value: Any) -> str:
-    if isinstance(value, float):
-        return "inf" if math.isinf(value) else f"{value:g}"
-    return str(value)
-
-
 def grid_keys(groups: list[Group]) -> list[str]:
     """Every grid key of any group, in first-seen order (cells of an older grid may lack some)."""
     return list(dict.fromkeys(k for g in groups for k in g.values))
@@ -131,7 +125,7 @@ def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     header = keys + ["seeds"] + [name for name, _, _ in METRICS]
     rows = []
     for group in groups:
-        row = [_cell_text(group.values[k]) if k in group.values else "–" for k in keys] + [str(len(group.summaries))]
+        row = [value_text(group.values[k]) if k in group.values else "–" for k in keys] + [str(len(group.summaries))]
         for _, key, digits in METRICS:
             row.append(_fmt(*_mean_std([_number(s[key]) for s in group.summaries]), digits))
         rows.append(row)
@@ -158,7 +152,7 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
     label_keys = [k for k in grid_keys(groups) if k != "epsilon"]
 
     def label(g: Group, keys) -> str:
-        return ", ".join(f"{k}={_cell_text(g.values[k])}" for k in keys if k in g.values) or "all"
+        return ", ".join(f"{k}={value_text(g.values[k])}" for k in keys if k in g.values) or "all"
 
     by_epsilon = [g for g in groups if "epsilon" in g.values]
     if by_epsilon:

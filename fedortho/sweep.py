@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedortho.config import ConfigError, RunConfig
-from fedortho.runs import json_safe
+from fedortho.runs import write_json_atomic
 
 STATUS = "status.json"
 RUN = "run"
@@ -71,14 +70,15 @@ class Sweep:
         return cells
 
 
-def _value_text(value: Any) -> str:
+def value_text(value: Any) -> str:
+    """A grid value as cell names and reports show it: 6.0 -> "6", infinity -> "inf"."""
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:g}"
     return str(value)
 
 
 def cell_name(values: dict[str, Any]) -> str:
-    return "_".join(f"{k}-{_value_text(v)}".replace("/", "-") for k, v in values.items())
+    return "_".join(f"{k}-{value_text(v)}".replace("/", "-") for k, v in values.items())
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -126,13 +126,6 @@ def cell_status(folder: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
-
-
-def _write_json(path: Path, value: Any) -> None:
-    """Write whole or not at all: a kill mid-write must not leave a half-written status."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_safe(value), indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def changed_settings(sweep: Sweep, cells: list[Cell]) -> dict[str, str]:
@@ -186,7 +179,7 @@ def run_sweep(sweep: Sweep, parallel: int = 1, run_cell: Callable[[Cell, Path], 
         raise ConfigError(f"{len(changed)} finished cells in {sweep.out} ran with other settings ({name}: {what}); "
                           "move that folder away or give the sweep another [sweep] out")
     sweep.out.mkdir(parents=True, exist_ok=True)
-    _write_json(sweep.out / "sweep.json", {"name": sweep.name, "base": sweep.base, "grid": sweep.grid})
+    write_json_atomic(sweep.out / "sweep.json", {"name": sweep.name, "base": sweep.base, "grid": sweep.grid})
     todo = [c for c in cells if cell_status(sweep.out / c.name) != "done"]
     counts = {"cells": len(cells), "done-before": len(cells) - len(todo), "ran": 0, "failed": 0}
     echo(f"sweep {sweep.name}: {len(cells)} cells, {counts['done-before']} already done, {len(todo)} to run")
@@ -197,13 +190,13 @@ def run_sweep(sweep: Sweep, parallel: int = 1, run_cell: Callable[[Cell, Path], 
         if folder.exists():
             shutil.rmtree(folder)  # an unfinished or failed attempt: it holds nothing finished
         folder.mkdir(parents=True)
-        _write_json(folder / "cell.json", {"values": cell.values, "settings": cell.settings})
+        write_json_atomic(folder / "cell.json", {"values": cell.values, "settings": cell.settings})
         try:
             run_cell(cell, folder)
         except Exception as exc:  # recorded; the other cells go on
-            _write_json(folder / STATUS, {"status": "failed", "error": str(exc)})
+            write_json_atomic(folder / STATUS, {"status": "failed", "error": str(exc)})
             raise
-        _write_json(folder / STATUS, {"status": "done"})
+        write_json_atomic(folder / STATUS, {"status": "done"})
 
     finished = 0
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
