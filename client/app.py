@@ -111,9 +111,10 @@ def _ledger(context: Context, cfg: RunConfig, partition_id: int, num_partitions:
 
 
 def _privacy_past(cfg: RunConfig, context: Context, ledger: PrivacyLedger | None, seen: float):
-    """(history, prior): everything this client's data has spent so far, and the part spent
-    before this run, which its noise plan accounts for. Refuses to go on if spending the
-    server has seen (``seen``) or this run's own history is missing from what it finds."""
+    """(history, prior, spent): everything this client's data has spent so far, the part
+    spent before this run (which its noise plan accounts for), and the epsilon of the whole.
+    Refuses to go on if spending the server has seen (``seen``) or this run's own history is
+    missing from what it finds."""
     history, prior = [], None
     if STATE_PRIVACY in context.state:
         p = context.state[STATE_PRIVACY]
@@ -122,19 +123,20 @@ def _privacy_past(cfg: RunConfig, context: Context, ledger: PrivacyLedger | None
         # The plan travels with the client: whichever worker trains it next does not redo it.
         remember_plan(cfg.epsilon, cfg.delta, p["plan-sample-rate"], p["plan-steps"], p["plan-noise-multiplier"],
                       prior)
+    spent = spent_epsilon(history, cfg.delta)
     if ledger is not None:
-        this_run = spent_epsilon(history, cfg.delta)
         history = ledger.read()  # every run's rounds on this node, this run's included
-        if spent_epsilon(history, cfg.delta) < this_run - 1e-9:
+        in_ledger = spent_epsilon(history, cfg.delta)
+        if in_ledger < spent - 1e-9:
             raise RuntimeError(f"privacy ledger {ledger.path} shows less spending than this run's own "
                                "history (was it replaced or removed?); refusing to train")
+        spent = in_ledger
     if prior is None:  # this client's first round of the run: the plan covers what is left
         prior = list(history)
-    spent = spent_epsilon(history, cfg.delta)
     if cfg.private and seen > spent + 1e-9:
         raise RuntimeError(f"this client's privacy history is missing (the server saw it spend epsilon "
                            f"{seen:.3f}, its state shows {spent:.3f}); refusing to train")
-    return history, prior
+    return history, prior, spent
 
 
 @app.query()
@@ -155,8 +157,8 @@ def train(msg: Message, context: Context) -> Message:
 
     ledger = _ledger(context, cfg, partition_id, num_partitions)
     with ledger.locked() if ledger is not None else nullcontext():
-        history, prior = _privacy_past(cfg, context, ledger, float(round_config.get(protocol.EPSILON_SEEN, 0.0)))
-        spent = spent_epsilon(history, cfg.delta)
+        history, prior, spent = _privacy_past(cfg, context, ledger,
+                                              float(round_config.get(protocol.EPSILON_SEEN, 0.0)))
         secure = str(context.node_config.get("secure-noise", "false")).lower() in ("1", "true", "yes")
         work = ClientWork(cfg=cfg, partition_id=partition_id, num_partitions=num_partitions,
                           server_round=int(round_config[protocol.SERVER_ROUND]), global_state={**received, **held},
