@@ -17,6 +17,7 @@ run (``fedortho.privacy.PrivacyLedger``).
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from contextlib import nullcontext
 
@@ -39,6 +40,12 @@ STATE_PRIVACY = "privacy"
 STATE_OPTIMIZER = "optimizer-tensors"
 STATE_OPTIMIZER_SCALARS = "optimizer-scalars"
 STATE_OPTIMIZER_BASIS = "optimizer-basis"  # the A the kept optimizer state is expressed in
+STATE_PARTICIPATION = "participation"  # rounds this client trained in this run
+
+# Gradient diagnostics are computed from private data without noise: a client releases them
+# only in simulation (``fedortho simulate`` sets this variable for its workers) or when its
+# node config says ``report-diagnostics=true``.
+DIAGNOSTICS_ENV = "FEDORTHO_REPORT_DIAGNOSTICS"
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -139,6 +146,14 @@ def _privacy_past(cfg: RunConfig, context: Context, ledger: PrivacyLedger | None
     return history, prior, spent
 
 
+def _truthy(value) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _reports_diagnostics(context: Context) -> bool:
+    return _truthy(context.node_config.get("report-diagnostics", "false")) or _truthy(os.environ.get(DIAGNOSTICS_ENV, ""))
+
+
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = _partition(context)
@@ -159,7 +174,7 @@ def train(msg: Message, context: Context) -> Message:
     with ledger.locked() if ledger is not None else nullcontext():
         history, prior, spent = _privacy_past(cfg, context, ledger,
                                               float(round_config.get(protocol.EPSILON_SEEN, 0.0)))
-        secure = str(context.node_config.get("secure-noise", "false")).lower() in ("1", "true", "yes")
+        secure = _truthy(context.node_config.get("secure-noise", "false"))
         work = ClientWork(cfg=cfg, partition_id=partition_id, num_partitions=num_partitions,
                           server_round=int(round_config[protocol.SERVER_ROUND]), global_state={**received, **held},
                           history=history, seed=secrets.randbits(62) if secure else None,
@@ -189,10 +204,16 @@ def train(msg: Message, context: Context) -> Message:
             "plan-prior": json.dumps(prior),
             **{f"run-{key}": float(getattr(cfg, key)) for key in protocol.PRIVACY_KEYS},
         })
+    participations = int(context.state[STATE_PARTICIPATION]["rounds"]) + 1 if STATE_PARTICIPATION in context.state else 1
+    context.state[STATE_PARTICIPATION] = ConfigRecord({"rounds": participations})
+    # What the accountant counted: public given the run's settings, so always reported.
     metrics = {
         "num-examples": result.num_examples, "epsilon": result.epsilon,
-        "noise-multiplier": result.noise_multiplier, protocol.HELD_VERSION: version,
+        "noise-multiplier": result.noise_multiplier, "sample-rate": result.sample_rate, "steps": result.steps,
+        "participations": participations, protocol.HELD_VERSION: version,
     }
+    if _reports_diagnostics(context):
+        metrics.update(result.diagnostics)
     if not cfg.private:
         # The loss on the private batches is computed without clipping or noise: releasing
         # it would spend privacy no accountant counts, so only non-private runs report it.

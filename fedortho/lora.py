@@ -23,7 +23,7 @@ def attach_lora(base: torch.nn.Module, cfg: RunConfig, seed: int) -> torch.nn.Mo
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+        task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=cfg.targets,
     )
     torch.manual_seed(seed)
@@ -37,11 +37,18 @@ def attach_lora(base: torch.nn.Module, cfg: RunConfig, seed: int) -> torch.nn.Mo
     for name, a in state.items():  # FedSVD needs r orthonormal rows: r <= min(in, out)
         if "lora_A" in name and cfg.lora_r > min(a.shape[1], state[name.replace("lora_A", "lora_B")].shape[0]):
             raise ConfigError(f"lora-r {cfg.lora_r} exceeds the dimensions of '{name.rsplit('.lora_A', 1)[0]}'")
-    if cfg.init_a == "orthonormal":  # same row space, orthonormal rows (FedSVD's A after a round)
-        load_adapter_state(model, {k: torch.linalg.qr(v.double().T)[0].T.to(v.dtype).contiguous()
+    if cfg.init_a == "orthonormal" or cfg.init_a_scale != 1.0:
+        # orthonormal: same row space, orthonormal rows (FedSVD's A after a round)
+        load_adapter_state(model, {k: cfg.init_a_scale * _initial_a(v, cfg.init_a)
                                    for k, v in state.items() if "lora_A" in k})
     model.eval()  # training switches to train mode (the base model's dropout) and back
     return model
+
+
+def _initial_a(a: torch.Tensor, init: str) -> torch.Tensor:
+    if init == "orthonormal":
+        return torch.linalg.qr(a.double().T)[0].T.to(a.dtype).contiguous()
+    return a
 
 
 def adapter_state(model: torch.nn.Module) -> Tensors:

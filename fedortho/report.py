@@ -22,6 +22,10 @@ from fedortho.sweep import RUN, STATUS, Sweep, cell_status, value_text
 
 METRICS = (("final accuracy", "final-accuracy", 4), ("best accuracy", "best-accuracy", 4),
            ("epsilon spent", "epsilon-spent", 2), ("wall time (s)", "wall-seconds", 0))
+# Shown when some cell recorded them (older runs and non-private runs lack some).
+OPTIONAL_METRICS = (("zero-shot accuracy", "zero-shot-accuracy", 4), ("noise multiplier", "noise-multiplier", 3),
+                    ("clipped fraction", "clipped-fraction", 3), ("LoRA grad norm", "lora-grad-norm", 3),
+                    ("head grad norm", "head-grad-norm", 3))
 
 
 @dataclass
@@ -120,14 +124,24 @@ def grid_keys(groups: list[Group]) -> list[str]:
     return list(dict.fromkeys(k for g in groups for k in g.values))
 
 
+def _optional_value(summary: dict, key: str) -> float | None:
+    value = summary.get(key)
+    return None if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+
+
 def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     keys = grid_keys(groups)
-    header = keys + ["seeds"] + [name for name, _, _ in METRICS]
+    optional = [m for m in OPTIONAL_METRICS
+                if any(_optional_value(s, m[1]) is not None for g in groups for s in g.summaries)]
+    header = keys + ["seeds"] + [name for name, _, _ in METRICS + tuple(optional)]
     rows = []
     for group in groups:
         row = [value_text(group.values[k]) if k in group.values else "–" for k in keys] + [str(len(group.summaries))]
         for _, key, digits in METRICS:
             row.append(_fmt(*_mean_std([_number(s[key]) for s in group.summaries]), digits))
+        for _, key, digits in optional:
+            present = [v for s in group.summaries if (v := _optional_value(s, key)) is not None]
+            row.append(_fmt(*_mean_std(present), digits) if present else "–")
         rows.append(row)
     return header, rows
 
@@ -177,7 +191,12 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     for metric, ylabel, name in (("test-accuracy", "test accuracy", "accuracy_vs_round.png"),
-                                 ("epsilon", "epsilon spent (max over clients)", "epsilon_vs_round.png")):
+                                 ("epsilon", "epsilon spent (max over clients)", "epsilon_vs_round.png"),
+                                 ("clipped-fraction", "share of per-sample gradients clipped", "clipped_vs_round.png"),
+                                 ("lora-grad-norm", "median per-sample LoRA gradient norm", "lora_norm_vs_round.png")):
+        if metric not in ("test-accuracy", "epsilon") and not any(metric in row for g in groups for c in g.curves
+                                                                   for row in c):
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for g in groups:
             by_round: dict[int, list[float]] = {}

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -82,6 +83,28 @@ def write_json_atomic(path: Path, value: Any) -> None:
         os.close(directory)
 
 
+def diagnostics_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Over the trained rounds: the largest noise multiplier, the mean clipped fraction and the
+    median of the per-round median gradient norms (only what the rounds recorded)."""
+    out: dict[str, float] = {}
+
+    def values(key: str) -> list[float]:
+        return [float(r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+
+    if values("noise-multiplier"):
+        out["noise-multiplier"] = max(values("noise-multiplier"))
+    if values("clipped-fraction"):
+        out["clipped-fraction"] = sum(values("clipped-fraction")) / len(values("clipped-fraction"))
+    for key in ("lora-grad-norm", "head-grad-norm"):
+        if values(key):
+            out[key] = float(statistics.median(values(key)))
+    return out
+
+
+def _text(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 _ACTIVE: list["RunRecorder"] = []
 
 
@@ -107,27 +130,37 @@ class RunRecorder:
         _ACTIVE.append(self)
 
     def record(self, row: dict[str, Any]) -> None:
+        """Append one round to ``metrics.jsonl`` (test accuracy and loss only on evaluated rounds)."""
         self.rows.append(row)
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(json_safe(row)) + "\n")
         if self.echo:
             eps = row.get("epsilon")
             eps_text = "-" if eps is None else ("inf" if not math.isfinite(eps) else f"{eps:.2f}")
-            print(f"round {row['round']:>3}/{self.cfg.rounds}  accuracy {row['test-accuracy']:.4f}  "
-                  f"loss {row['test-loss']:.4f}  epsilon {eps_text}  clients {row.get('clients-replied', '-')}  "
+            accuracy, loss = row.get("test-accuracy"), row.get("test-loss")
+            print(f"round {row['round']:>3}/{self.cfg.rounds}  accuracy {_text(accuracy, 4)}  "
+                  f"loss {_text(loss, 4)}  epsilon {eps_text}  clients {row.get('clients-replied', '-')}  "
                   f"{row.get('round-seconds', 0.0):.1f}s", flush=True)
+
+    def record_clients(self, server_round: int, rows: list[dict[str, Any]]) -> None:
+        """Append each client's privacy record of a round to ``privacy.jsonl``."""
+        with open(self.out / "privacy.jsonl", "a") as fh:
+            for row in rows:
+                fh.write(json.dumps(json_safe({"round": server_round, **row})) + "\n")
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         if self in _ACTIVE:
             _ACTIVE.remove(self)
-        last = self.rows[-1] if self.rows else {}
+        evaluated = [r for r in self.rows if "test-accuracy" in r]
+        last = evaluated[-1] if evaluated else {}
         trained = [r for r in self.rows if r["round"] > 0]
         summary = {
             "strategy": self.cfg.strategy, "epsilon-target": self.cfg.epsilon, "rounds": self.cfg.rounds,
             "final-accuracy": last.get("test-accuracy"), "final-loss": last.get("test-loss"),
-            "best-accuracy": max((r["test-accuracy"] for r in self.rows), default=None),
+            "final-round": last.get("round"),
+            "best-accuracy": max((r["test-accuracy"] for r in evaluated), default=None),
             "epsilon-spent": max((r["epsilon"] for r in trained if r.get("epsilon") is not None), default=0.0),
-            "wall-seconds": round(time.time() - self.started, 2), **(extra or {}),
+            "wall-seconds": round(time.time() - self.started, 2), **diagnostics_summary(trained), **(extra or {}),
         }
         (self.out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
         self.plot()
@@ -139,9 +172,10 @@ class RunRecorder:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rounds = [r["round"] for r in self.rows]
+        evaluated = [r for r in self.rows if "test-accuracy" in r]
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        ax.plot(rounds, [r["test-accuracy"] for r in self.rows], marker="o", color="tab:blue")
+        ax.plot([r["round"] for r in evaluated], [r["test-accuracy"] for r in evaluated], marker="o",
+                color="tab:blue")
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy", color="tab:blue")
         eps = [(r["round"], r["epsilon"]) for r in self.rows if r.get("epsilon") is not None and math.isfinite(r["epsilon"])]

@@ -9,6 +9,13 @@
     epsilon = [3.0, 6.0, inf]
     seed = [0, 1, 2]
 
+A grid key whose values are tables sets several settings together (cells that are not a
+product of single settings): each table needs a ``label``, which names the cell and the row
+of the report; the key itself is only a name.
+
+    rule = [{label = "ffa", strategy = "ffa"},
+            {label = "ffa-orthonormal-a", strategy = "ffa", init-a = "orthonormal"}]
+
 Each cell runs ``fedortho simulate`` (the same code path) in its own process and folder
 ``<out>/<cell>/``. A cell is finished when its ``status.json`` says ``done``: finished cells
 are never rerun or overwritten, and a sweep file whose settings no longer match a finished
@@ -57,8 +64,14 @@ class Sweep:
         keys = list(self.grid)
         cells = []
         for combo in itertools.product(*(self.grid[k] for k in keys)):
-            values = dict(zip(keys, combo))
-            settings = {**self.base, **values}
+            values, settings = {}, dict(self.base)
+            for key, value in zip(keys, combo):
+                if isinstance(value, dict):  # a bundle of settings, named by its label
+                    values[key] = value["label"]
+                    settings.update({k: v for k, v in value.items() if k != "label"})
+                else:
+                    values[key] = value
+                    settings[key] = value
             RunConfig.from_mapping(settings)  # every cell must be a valid run: fail before running any
             cells.append(Cell(cell_name(values), values, settings))
         seen: dict[str, Cell] = {}
@@ -104,11 +117,40 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ConfigError(f"sweep file {path}: grid key '{key}' needs a non-empty list")
         if key in base:
             raise ConfigError(f"sweep file {path}: '{key}' is in both [base] and [grid]")
+        _check_bundles(path, key, values, base, grid)
+    bundled = [(key, setting) for key, values in grid.items() for setting in
+               {s for v in values if isinstance(v, dict) for s in v if s != "label"}]
+    for i, (key, setting) in enumerate(bundled):
+        other = next((k for k, s in bundled[i + 1:] if s == setting), None)
+        if other is not None:
+            raise ConfigError(f"sweep file {path}: '{setting}' is set by both grid keys '{key}' and '{other}'")
     if "out" in base or "out" in grid:
         raise ConfigError(f"sweep file {path}: 'out' is set per cell by the sweep")
     name = str(meta.get("name", path.stem))
     out = Path(meta.get("out", Path("experiments") / "results" / name))
     return Sweep(name=name, out=out, base=dict(base), grid={k: list(v) for k, v in grid.items()})
+
+
+def _check_bundles(path: Path, key: str, values: list, base: dict, grid: dict) -> None:
+    """Bundled values: all tables, each with a label, none setting what [base] or another grid
+    key sets (a setting has one place)."""
+    tables = [v for v in values if isinstance(v, dict)]
+    if not tables:
+        return
+    if len(tables) != len(values):
+        raise ConfigError(f"sweep file {path}: grid key '{key}' mixes tables and plain values")
+    labels = [t.get("label") for t in tables]
+    if not all(isinstance(label, str) and label for label in labels) or len(set(labels)) != len(labels):
+        raise ConfigError(f"sweep file {path}: every table of grid key '{key}' needs its own label = \"...\"")
+    for table in tables:
+        for setting in table:
+            if setting == "label":
+                continue
+            if setting in base or setting in grid:
+                raise ConfigError(f"sweep file {path}: '{setting}' is set by grid key '{key}' and also by "
+                                  f"{'[base]' if setting in base else 'the grid'}")
+            if setting == "out":
+                raise ConfigError(f"sweep file {path}: 'out' is set per cell by the sweep")
 
 
 def cell_status(folder: Path) -> str | None:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedortho import privacy
 from fedortho.config import RunConfig
+from fedortho.diagnostics import GradientDiagnostics
 from fedortho.lora import adapter_state, set_trainable
 from fedortho.optim import build_optimizer
 from fedortho.optim.state import export_state, import_state
@@ -35,6 +36,8 @@ class ClientResult:
     sample_rate: float = 1.0
     planned_steps: int = 0  # the steps the noise multiplier was planned for
     optimizer_state: tuple[dict, dict] = ({}, {})  # export_state's (tensors, scalars)
+    steps: int = 0  # DP steps this round (empty Poisson batches included): the accountant's count
+    diagnostics: dict[str, float] = field(default_factory=dict)  # GradientDiagnostics.summary(), private runs
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -108,6 +111,7 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
             engine, wrapped, optimizer, loader = privacy.make_private(
                 model, optimizer, loader, sigma, cfg.clip, history, noise_gen)
     losses: list[float] = []
+    diagnostics = GradientDiagnostics(cfg.clip, has_head=any("lora_" not in name for name in trainable))
     try:
         batches = _batches(loader)
         for _ in range(cfg.local_steps):
@@ -119,6 +123,8 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
             optimizer.zero_grad(set_to_none=True)
             loss = _forward_loss(wrapped, batch)
             loss.backward()
+            if engine is not None:  # per-sample gradients, before the optimizer clips them
+                diagnostics.observe({name: p.grad_sample for name, p in named})
             optimizer.step()
             losses.append(float(loss.detach()))
     finally:
@@ -139,6 +145,7 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
         update={k: state[k] for k in trainable}, num_examples=n,
         train_loss=float(np.mean(losses)) if losses else float("nan"), epsilon=epsilon,
         noise_multiplier=sigma, history=new_history, sample_rate=rate, planned_steps=planned,
+        steps=cfg.local_steps if engine is not None else 0, diagnostics=diagnostics.summary(),
     )
 
 

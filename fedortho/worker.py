@@ -14,7 +14,8 @@ import torch
 from fedortho import data
 from fedortho.config import RunConfig
 from fedortho.lora import adapter_state, attach_lora, load_adapter_state, trainable_names
-from fedortho.models import load_classifier
+from fedortho.heads import label_texts, set_head, zero_shot_head
+from fedortho.models import load_classifier, load_tokenizer
 from fedortho.privacy import History
 from fedortho.train import ClientResult, round_seed, train_client
 
@@ -30,12 +31,17 @@ def set_threads(cfg: RunConfig) -> None:
 
 def build_model(cfg: RunConfig) -> torch.nn.Module:
     """A fresh classifier with LoRA adapters, initialized from ``cfg.seed`` (B = 0)."""
-    num_labels = data.splits_for(cfg).num_labels
-    return attach_lora(load_classifier(cfg.model, num_labels, cfg.seed, cfg.pooling), cfg, cfg.seed)
+    splits = data.splits_for(cfg)
+    base = load_classifier(cfg.model, splits.num_labels, cfg.seed, cfg.pooling)
+    if cfg.head_init == "zero-shot":
+        set_head(base, zero_shot_head(base, load_tokenizer(cfg.model), label_texts(cfg, splits.label_names),
+                                      cfg.head_scale))
+    return attach_lora(base, cfg, cfg.seed)
 
 
 def shared_model(cfg: RunConfig) -> torch.nn.Module:
-    key = (cfg.model, cfg.pooling, cfg.init_a, cfg.dataset, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    key = (cfg.model, cfg.pooling, cfg.init_a, cfg.init_a_scale, cfg.head_init, cfg.head_scale, cfg.label_texts,
+           cfg.dataset, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if key not in _MODELS:
         _MODELS.clear()  # one model per process: a new configuration replaces the old one
         _MODELS[key] = build_model(cfg)

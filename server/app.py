@@ -34,15 +34,23 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     test = data.test_tensors(cfg)
     strategy = LoRAStrategy(cfg)
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_adapter_state(model, arrays.to_torch_state_dict())
-        accuracy, loss = evaluate(model, test, precision=cfg.eval_precision)
-        row = {"round": server_round, "test-accuracy": accuracy, "test-loss": loss}
+    # With a zero-shot head, round 0 measures it: no evaluation of its own.
+    zero_shot = None if cfg.head_init == "zero-shot" else zero_shot_accuracy(cfg, model, test)
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        row: dict = {"round": server_round}
         if server_round > 0:
             row.update(strategy.last_round)
             row["epsilon"] = row.pop("epsilon-max")
             row["round-seconds"] = round(time.time() - strategy.round_started, 2)
-        save_adapter(model, out / "adapter")  # the adapter of the last row of metrics.jsonl
+            recorder.record_clients(server_round, strategy.last_clients)
+        if not evaluated(cfg, server_round):
+            recorder.record(row)
+            return None
+        load_adapter_state(model, arrays.to_torch_state_dict())
+        accuracy, loss = evaluate(model, test, precision=cfg.eval_precision)
+        row.update({"test-accuracy": accuracy, "test-loss": loss})
+        save_adapter(model, out / "adapter")  # the adapter of the last evaluated round
         recorder.record(row)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
@@ -52,11 +60,34 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
                        evaluate_fn=evaluate_global)
         finished = True
     finally:
+        if cfg.head_init == "zero-shot" and recorder.rows:
+            zero_shot = recorder.rows[0].get("test-accuracy")
         summary = recorder.finish({"majority-rate": data.majority_rate(data.splits_for(cfg).test_labels),
-                                   "completed": finished})
-    print(f"fedortho: final accuracy {summary['final-accuracy']:.4f}, epsilon spent "
-          f"{summary['epsilon-spent']:.3f}, {summary['wall-seconds']:.0f}s; outputs in {out}", flush=True)
+                                   "zero-shot-accuracy": zero_shot, "completed": finished})
+    final = summary["final-accuracy"]
+    print(f"fedortho: final accuracy {'-' if final is None else f'{final:.4f}'} (zero-shot head "
+          f"{'-' if zero_shot is None else f'{zero_shot:.4f}'}), epsilon spent {summary['epsilon-spent']:.3f}, "
+          f"{summary['wall-seconds']:.0f}s; outputs in {out}", flush=True)
     return summary
+
+
+def evaluated(cfg: RunConfig, server_round: int) -> bool:
+    """Round 0, every ``eval-every``-th round and the last round are evaluated."""
+    return server_round in (0, cfg.rounds) or server_round % cfg.eval_every == 0
+
+
+def zero_shot_accuracy(cfg: RunConfig, model, test) -> float | None:
+    """Test accuracy of the model with B = 0 and a zero-shot head: the score a run must beat
+    without training on any client's data. None if the labels have no usable descriptions."""
+    if cfg.head_init == "zero-shot":  # the model at round 0 is exactly that
+        return evaluate(model, test, precision=cfg.eval_precision)[0]
+    if cfg.pooling != "mean":
+        return None
+    try:
+        reference = build_model(cfg.replace(head_init="zero-shot", train_head=False))
+    except ConfigError:
+        return None
+    return evaluate(reference, test, precision=cfg.eval_precision)[0]
 
 
 def make_server_app(cfg: RunConfig) -> ServerApp:

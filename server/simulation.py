@@ -18,9 +18,11 @@ def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbos
 
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
+    from client.app import DIAGNOSTICS_ENV, app as client_app
     from server.app import make_server_app
 
+    # Simulated clients report gradient diagnostics; Ray's workers inherit the variable.
+    os.environ[DIAGNOSTICS_ENV] = "1"
     warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
     if not verbose:
         # fedortho reports rounds and client problems itself; Flower's INFO/WARNING lines

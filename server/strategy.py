@@ -41,6 +41,7 @@ class LoRAStrategy(FedAvg):
         self.partition_of_node: dict[int, int] = {}
         self.epsilon_of_partition: dict[int, float] = {}
         self.last_round: dict[str, float] = {}
+        self.last_clients: list[dict] = []  # one row per client that replied in the last round
         self.round_started = time.time()
         self._global: dict[str, torch.Tensor] = {}
 
@@ -139,6 +140,7 @@ class LoRAStrategy(FedAvg):
             raise AggregationError("reported epsilon is NaN")
         self.epsilon_of_partition[self.partition_of_node[node]] = epsilon
         self.held_version_at_node[node] = int(info[protocol.HELD_VERSION])
+        self.last_clients.append(_client_row(self.partition_of_node[node], info))
         if int(info.get("budget-exhausted", 0)):
             return None
         weight = float(info["num-examples"])
@@ -154,6 +156,7 @@ class LoRAStrategy(FedAvg):
         expected = {k: self._global[k] for k in expected_names}
         accepted: list[tuple[int, dict[str, torch.Tensor], float]] = []
         losses, exhausted, failed = [], 0, 0
+        self.last_clients = []
         for reply in replies:
             node = reply.metadata.src_node_id
             who = f"client {self.partition_of_node.get(node, node)}"
@@ -187,6 +190,8 @@ class LoRAStrategy(FedAvg):
         }
         if losses:  # private clients do not report their training loss
             metrics["train-loss"] = sum(l * w for l, w in losses) / sum(w for _, w in losses)
+        metrics.update(round_diagnostics(self.last_clients))
+        self.last_clients.sort(key=lambda row: row["partition"])
         self.last_round = metrics
         if not accepted:
             logger.warning("round %d: no usable client update; the global adapter is unchanged", server_round)
@@ -197,3 +202,38 @@ class LoRAStrategy(FedAvg):
         if any(not torch.equal(new_state[k], self._global[k]) for k in held):
             self.held_version += 1
         return ArrayRecord({k: v.contiguous() for k, v in new_state.items()}), MetricRecord(metrics)
+
+
+CLIENT_KEYS = ("epsilon", "noise-multiplier", "sample-rate", "steps", "participations", "budget-exhausted",
+               "clipped-fraction", "lora-grad-norm", "head-grad-norm", "grad-samples")
+
+
+def _client_row(partition: int, info) -> dict:
+    """A client's privacy record of one round (``privacy.jsonl``): what it reported of
+    CLIENT_KEYS, as plain numbers."""
+    row = {"partition": partition}
+    for key in CLIENT_KEYS:
+        if key in info:
+            value = info[key]
+            row[key] = int(value) if key in ("steps", "participations", "budget-exhausted", "grad-samples") \
+                else float(value)
+    return row
+
+
+def round_diagnostics(rows: list[dict]) -> dict:
+    """Round-level summary of the clients' rows: the largest noise multiplier, the share of
+    clipped samples over all clients' samples, and the median over clients of their median
+    per-sample gradient norms (only what clients reported)."""
+    out = {}
+    sigmas = [r["noise-multiplier"] for r in rows if "noise-multiplier" in r]
+    if sigmas:
+        out["noise-multiplier"] = max(sigmas)
+    counted = [r for r in rows if "clipped-fraction" in r and r.get("grad-samples", 0) > 0]
+    if counted:
+        samples = sum(r["grad-samples"] for r in counted)
+        out["clipped-fraction"] = sum(r["clipped-fraction"] * r["grad-samples"] for r in counted) / samples
+    for key in ("lora-grad-norm", "head-grad-norm"):
+        values = [r[key] for r in counted if key in r]
+        if values:
+            out[key] = float(np.median(values))
+    return out

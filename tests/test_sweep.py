@@ -53,6 +53,27 @@ def test_grid_expands_to_every_combination(tmp_path):
     assert str(sweep.out).endswith("experiments/results/demo")
 
 
+def test_a_grid_key_of_tables_sets_settings_together(tmp_path):
+    sweep = load_sweep(write(tmp_path, """
+[base]
+rounds = 2
+[grid]
+privacy = [{label = "no-dp", epsilon = inf, lr = 0.5}, {label = "eps6", epsilon = 6.0, clip = 0.5, lr = 2.0}]
+seed = [0, 1]
+"""))
+    sweep.out = tmp_path / "out"
+    cells = sweep.cells()
+    assert [c.name for c in cells] == ["privacy-no-dp_seed-0", "privacy-no-dp_seed-1", "privacy-eps6_seed-0",
+                                       "privacy-eps6_seed-1"]
+    assert cells[2].values == {"privacy": "eps6", "seed": 0}
+    assert cells[2].settings == {"rounds": 2, "epsilon": 6.0, "clip": 0.5, "lr": 2.0, "seed": 0}
+    assert cells[0].settings["epsilon"] == math.inf and "clip" not in cells[0].settings
+    # The report's grouping (over seeds) and the grid check after a restart read the same cells.
+    run_sweep(sweep, run_cell=fake_cell, echo=lambda line: None)
+    assert "| eps6 | 2 |" in report(sweep.out, echo=lambda text: None)
+    assert run_sweep(sweep, run_cell=fake_cell, echo=lambda line: None)["done-before"] == 4
+
+
 @pytest.mark.parametrize("text,message", [
     ("[grid]\nstrategy = ['fedprox']\n", "strategy must be one of"),
     ("[grid]\n", "empty"),
@@ -64,6 +85,11 @@ def test_grid_expands_to_every_combination(tmp_path):
     ("[sweep]\nnmae = 'x'\n[grid]\nseed = [1]\n", "unknown keys in \\[sweep\\]"),
     ("sweep = 'x'\n[grid]\nseed = [1]\n", "'sweep' must be a table"),
     ("base = 1\n[grid]\nseed = [1]\n", "'base' must be a table"),
+    ("[grid]\nrule = [{strategy = 'ffa'}]\n", "needs its own label"),
+    ("[grid]\nrule = [{label = 'a', strategy = 'ffa'}, 'fedsvd']\n", "mixes tables"),
+    ("[base]\nlr = 1.0\n[grid]\nrule = [{label = 'a', lr = 2.0}]\n", "'lr' is set by grid key 'rule' and also"),
+    ("[grid]\na = [{label = 'x', lr = 2.0}]\nb = [{label = 'y', lr = 1.0}]\n", "set by both grid keys"),
+    ("[grid]\nrule = [{label = 'a', strategy = 'fedprox'}]\n", "strategy must be one of"),
 ])
 def test_bad_sweep_files_fail_before_any_cell_runs(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
