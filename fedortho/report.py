@@ -197,27 +197,59 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
         if metric not in ("test-accuracy", "epsilon") and not any(metric in row for g in groups for c in g.curves
                                                                    for row in c):
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for g in groups:
-            by_round: dict[int, list[float]] = {}
-            for curve in g.curves:
-                for row in curve:
-                    value = row.get(metric)
-                    if value is not None and not isinstance(value, str) and math.isfinite(value):
-                        by_round.setdefault(row["round"], []).append(value)
-            if by_round:
-                rounds = sorted(by_round)
-                ax.plot(rounds, [statistics.fmean(by_round[r]) for r in rounds], marker=".",
-                        label=label(g, list(g.values)))
-        ax.set_xlabel("round")
-        ax.set_ylabel(ylabel)
-        if ax.lines:
-            ax.legend(fontsize=7)
+        panels = _panels(groups)
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 if len(panels) == 1 else 4.2 * len(panels), 4),
+                                 sharey=True, squeeze=False)
+        for ax, (title, members, shown) in zip(axes[0], panels):
+            for g in members:
+                by_round: dict[int, list[float]] = {}
+                for curve in g.curves:
+                    for row in curve:
+                        value = row.get(metric)
+                        if value is not None and not isinstance(value, str) and math.isfinite(value):
+                            by_round.setdefault(row["round"], []).append(value)
+                if by_round:
+                    rounds = sorted(by_round)
+                    ax.plot(rounds, [statistics.fmean(by_round[r]) for r in rounds], marker=".",
+                            label=label(g, shown))
+            if metric == "test-accuracy":
+                _baselines(ax, members)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("round")
+            if ax.lines:
+                ax.legend(fontsize=7)
+        axes[0][0].set_ylabel(ylabel)
         fig.tight_layout()
         paths.append(out / name)
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     return paths
+
+
+MAX_LINES_PER_PANEL = 6
+
+
+def _panels(groups: list[Group]) -> list[tuple[str, list[Group], list[str]]]:
+    """(title, groups, keys in the legend) per panel: one panel, or -- when more groups than
+    MAX_LINES_PER_PANEL would share it -- one panel per value of the first grid key that varies."""
+    keys = grid_keys(groups)
+    varying = [k for k in keys if len({value_text(g.values.get(k, "–")) for g in groups}) > 1]
+    if len(groups) <= MAX_LINES_PER_PANEL or len(varying) < 2:
+        return [("", groups, keys)]
+    split = varying[0]
+    by_value: dict[str, list[Group]] = {}
+    for g in groups:
+        by_value.setdefault(value_text(g.values.get(split, "–")), []).append(g)
+    return [(f"{split}={value}", members, [k for k in keys if k != split]) for value, members in by_value.items()]
+
+
+def _baselines(ax, groups: list[Group]) -> None:
+    """Dashed lines at the accuracy a run gets without training: the zero-shot head and the
+    majority class (when the cells recorded them)."""
+    for key, name, style in (("zero-shot-accuracy", "zero-shot head", "--"), ("majority-rate", "majority class", ":")):
+        values = [v for g in groups for s in g.summaries if (v := _optional_value(s, key)) is not None]
+        if values:
+            ax.axhline(statistics.fmean(values), color="gray", linestyle=style, linewidth=1, label=name)
 
 
 def report(sweep_dir: str | Path, echo=print) -> str:

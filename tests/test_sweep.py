@@ -282,3 +282,13 @@ epsilon = [6.0, inf]
     assert proc.returncode == 0 and proc.stdout.count("\n| ") == 2  # header separator aside: 2 rows
     rows = (tmp_path / "results" / "results.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[2].startswith("inf,1,")
+
+
+def test_many_groups_are_plotted_in_one_panel_per_value_of_the_first_varying_key():
+    from fedortho.report import Group, _panels
+
+    groups = [Group({"seed": 0, "privacy": p, "rule": r}) for p in ("a", "b", "c") for r in ("x", "y", "z")]
+    panels = _panels(groups)
+    assert [title for title, _, _ in panels] == ["privacy=a", "privacy=b", "privacy=c"]
+    assert all(len(members) == 3 and "privacy" not in shown for _, members, shown in panels)
+    assert _panels(groups[:3]) == [("", groups[:3], ["seed", "privacy", "rule"])]  # few lines: one panel
