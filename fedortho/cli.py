@@ -40,7 +40,7 @@ def preflight(cfg: RunConfig) -> None:
     check_model(cfg.model, cfg.pooling)
     load_tokenizer(cfg.model)
     splits = data.splits_for(cfg)  # cached: the server reuses it
-    if cfg.head_init == "zero-shot":
+    if cfg.head_init == "zero-shot" or cfg.label_texts:
         from fedortho.heads import label_texts
 
         label_texts(cfg, splits.label_names)

@@ -25,8 +25,11 @@ def label_texts(cfg: RunConfig, label_names: Sequence[str]) -> list[str]:
     embedded dataset's own, else the dataset's label names."""
     if cfg.label_texts:
         texts = [t.strip() for t in cfg.label_texts.split(",")]
-    elif label_names == ("rotten", "fresh"):
+    elif tuple(label_names) == ("rotten", "fresh"):
         texts = list(EMBEDDED_LABEL_TEXTS)
+    elif any(str(name).strip().lstrip("-").isdigit() for name in label_names):
+        raise ConfigError("the dataset's labels are numbers, not descriptions: give label-texts "
+                          "(e.g. --label-texts \"a negative review,a positive review\")")
     else:
         texts = [str(name) for name in label_names]
     if len(texts) != len(label_names) or not all(texts):

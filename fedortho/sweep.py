@@ -35,7 +35,7 @@ import sys
 import time
 import tomllib
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -119,7 +119,7 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ConfigError(f"sweep file {path}: '{key}' is in both [base] and [grid]")
         _check_bundles(path, key, values, base, grid)
     bundled = [(key, setting) for key, values in grid.items() for setting in
-               {s for v in values if isinstance(v, dict) for s in v if s != "label"}]
+               {_setting(s) for v in values if isinstance(v, dict) for s in v if s != "label"}]
     for i, (key, setting) in enumerate(bundled):
         other = next((k for k, s in bundled[i + 1:] if s == setting), None)
         if other is not None:
@@ -139,18 +139,26 @@ def _check_bundles(path: Path, key: str, values: list, base: dict, grid: dict) -
         return
     if len(tables) != len(values):
         raise ConfigError(f"sweep file {path}: grid key '{key}' mixes tables and plain values")
+    if _setting(key) in {_setting(f.name) for f in fields(RunConfig)}:
+        raise ConfigError(f"sweep file {path}: grid key '{key}' names a run setting; give its tables another name")
     labels = [t.get("label") for t in tables]
     if not all(isinstance(label, str) and label for label in labels) or len(set(labels)) != len(labels):
         raise ConfigError(f"sweep file {path}: every table of grid key '{key}' needs its own label = \"...\"")
+    base_settings, grid_settings = {_setting(k) for k in base}, {_setting(k) for k in grid}
     for table in tables:
         for setting in table:
             if setting == "label":
                 continue
-            if setting in base or setting in grid:
+            if _setting(setting) in base_settings or _setting(setting) in grid_settings:
                 raise ConfigError(f"sweep file {path}: '{setting}' is set by grid key '{key}' and also by "
-                                  f"{'[base]' if setting in base else 'the grid'}")
+                                  f"{'[base]' if _setting(setting) in base_settings else 'the grid'}")
             if setting == "out":
                 raise ConfigError(f"sweep file {path}: 'out' is set per cell by the sweep")
+
+
+def _setting(name: str) -> str:
+    """A setting's one spelling (``init_a`` and ``init-a`` are the same setting)."""
+    return name.replace("_", "-")
 
 
 def cell_status(folder: Path) -> str | None:

@@ -34,9 +34,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     test = data.test_tensors(cfg)
     strategy = LoRAStrategy(cfg)
 
-    # With a zero-shot head, round 0 measures it: no evaluation of its own.
-    zero_shot = None if cfg.head_init == "zero-shot" else zero_shot_accuracy(cfg, model, test)
-
+    zero_shot = None
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         row: dict = {"round": server_round}
         if server_round > 0:
@@ -56,6 +54,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
 
     finished = False
     try:
+        # With a zero-shot head, round 0 measures it: no evaluation of its own.
+        zero_shot = None if cfg.head_init == "zero-shot" else zero_shot_accuracy(cfg, test)
         strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(model)), num_rounds=cfg.rounds,
                        evaluate_fn=evaluate_global)
         finished = True
@@ -76,11 +76,9 @@ def evaluated(cfg: RunConfig, server_round: int) -> bool:
     return server_round in (0, cfg.rounds) or server_round % cfg.eval_every == 0
 
 
-def zero_shot_accuracy(cfg: RunConfig, model, test) -> float | None:
+def zero_shot_accuracy(cfg: RunConfig, test) -> float | None:
     """Test accuracy of the model with B = 0 and a zero-shot head: the score a run must beat
     without training on any client's data. None if the labels have no usable descriptions."""
-    if cfg.head_init == "zero-shot":  # the model at round 0 is exactly that
-        return evaluate(model, test, precision=cfg.eval_precision)[0]
     if cfg.pooling != "mean":
         return None
     try:

@@ -140,14 +140,15 @@ class LoRAStrategy(FedAvg):
             raise AggregationError("reported epsilon is NaN")
         self.epsilon_of_partition[self.partition_of_node[node]] = epsilon
         self.held_version_at_node[node] = int(info[protocol.HELD_VERSION])
-        self.last_clients.append(_client_row(self.partition_of_node[node], info))
         if int(info.get("budget-exhausted", 0)):
+            self.last_clients.append(_client_row(self.partition_of_node[node], info))
             return None
         weight = float(info["num-examples"])
         if not (math.isfinite(weight) and weight > 0):
             raise AggregationError(f"num-examples must be a positive number, got {weight}")
         update = reply.content[protocol.ARRAYS].to_torch_state_dict()
         check_update(update, expected, who)
+        self.last_clients.append(_client_row(self.partition_of_node[node], info))  # only what was used
         return update, weight, float(info.get("train-loss", math.nan))  # absent under DP
 
     def aggregate_train(self, server_round: int,

@@ -51,6 +51,11 @@ def test_bad_regime_settings_fail_with_one_clear_line(values, message):
 def test_label_texts_must_name_every_label(tiny_cfg):
     with pytest.raises(ConfigError, match="one non-empty description per label"):
         build_model(tiny_cfg.replace(head_init="zero-shot", label_texts="only one"))
+    from fedortho.heads import label_texts
+
+    with pytest.raises(ConfigError, match="labels are numbers"):  # "0", "1" describe nothing
+        label_texts(tiny_cfg, ("0", "1"))
+    assert label_texts(tiny_cfg, ("negative", "positive")) == ["negative", "positive"]
 
 
 def test_init_a_scale_and_lora_dropout(tiny_cfg):

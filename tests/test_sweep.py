@@ -90,6 +90,8 @@ seed = [0, 1]
     ("[base]\nlr = 1.0\n[grid]\nrule = [{label = 'a', lr = 2.0}]\n", "'lr' is set by grid key 'rule' and also"),
     ("[grid]\na = [{label = 'x', lr = 2.0}]\nb = [{label = 'y', lr = 1.0}]\n", "set by both grid keys"),
     ("[grid]\nrule = [{label = 'a', strategy = 'fedprox'}]\n", "strategy must be one of"),
+    ("[grid]\nepsilon = [{label = 'a', clip = 1.0}]\n", "names a run setting"),
+    ("[base]\ninit_a = 'kaiming'\n[grid]\nrule = [{label = 'a', init-a = 'orthonormal'}]\n", "also by \\[base\\]"),
 ])
 def test_bad_sweep_files_fail_before_any_cell_runs(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
