@@ -194,10 +194,10 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
                                  ("epsilon", "epsilon spent (max over clients)", "epsilon_vs_round.png"),
                                  ("clipped-fraction", "share of per-sample gradients clipped", "clipped_vs_round.png"),
                                  ("lora-grad-norm", "median per-sample LoRA gradient norm", "lora_norm_vs_round.png")):
-        if metric not in ("test-accuracy", "epsilon") and not any(metric in row for g in groups for c in g.curves
-                                                                   for row in c):
+        having = [g for g in groups if any(metric in row for c in g.curves for row in c)]
+        if metric not in ("test-accuracy", "epsilon") and not having:
             continue
-        panels = _panels(groups)
+        panels = _panels(groups if metric in ("test-accuracy", "epsilon") else having)
         fig, axes = plt.subplots(1, len(panels), figsize=(6 if len(panels) == 1 else 4.2 * len(panels), 4),
                                  sharey=True, squeeze=False)
         for ax, (title, members, shown) in zip(axes[0], panels):
