@@ -5,13 +5,15 @@ rounds (``fedortho.worker``); per-client state is small: the held tensors (A, a 
 the privacy accountant's history, the noise plan and, with ``optimizer-state = keep``, the
 optimizer's state (its momentum rotated along when FedSVD rotates B and A).
 
-Node config (``--node-config`` of a SuperNode; set automatically in simulation):
-``partition-id`` and ``num-partitions`` (required); optionally ``epsilon``, ``delta``, ``clip``
-to pin this client's privacy settings (it refuses a server asking for others), and
+Node config (``--node-config`` of a SuperNode; set automatically in simulation), read and
+checked by ``fedortho.node.NodeSettings``: ``partition-id`` and ``num-partitions`` (required);
+optionally ``data-path`` (this node's own training data), ``epsilon``, ``delta``, ``clip`` to
+pin this client's privacy settings (it refuses a server asking for others),
 ``secure-noise=true`` to seed sampling and noise from OS randomness instead of the run seed
-(so that no one who knows the seed can replay the noise; runs are then not reproducible);
+(so that no one who knows the seed can replay the noise; runs are then not reproducible),
 ``privacy-ledger=<file>`` to make the budget cover every run on this node's data, not one
-run (``fedortho.privacy.PrivacyLedger``).
+run (``fedortho.privacy.PrivacyLedger``), and ``report-diagnostics=true``. The node checks
+them against the run when first asked to describe itself.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedortho import protocol
-from fedortho.config import RunConfig
+from fedortho.config import ConfigError, RunConfig
+from fedortho.node import NodeConfigError, NodeSettings
 from fedortho.optim.rotation import rotate_saved_state
-from fedortho.privacy import BudgetExhausted, PrivacyLedger, remember_plan, spent_epsilon
+from fedortho.privacy import BudgetExhausted, LedgerError, PrivacyLedger, remember_plan, spent_epsilon
 from fedortho.worker import ClientWork, adapter_names, run_client_round
 
 app = ClientApp()
@@ -48,21 +51,14 @@ STATE_PARTICIPATION = "participation"  # rounds this client trained in this run
 DIAGNOSTICS_ENV = "FEDORTHO_REPORT_DIAGNOSTICS"
 
 
-def _partition(context: Context) -> tuple[int, int]:
-    try:
-        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    except KeyError as exc:
-        raise RuntimeError("node config needs 'partition-id' and 'num-partitions' "
-                           "(e.g. --node-config \"partition-id=0 num-partitions=10\")") from exc
+def _node(context: Context) -> NodeSettings:
+    return NodeSettings.from_node_config(context.node_config)
 
 
-def _config(msg: Message, context: Context) -> RunConfig:
+def _config(msg: Message, node: NodeSettings, context: Context) -> RunConfig:
     values = {k: v for k, v in msg.content[protocol.CONFIG].items() if k not in protocol.PER_ROUND_KEYS}
     cfg = RunConfig.from_mapping(values)
-    for key in protocol.PRIVACY_KEYS:
-        if key in context.node_config and float(context.node_config[key]) != float(getattr(cfg, key)):
-            raise RuntimeError(f"the server asks for {key}={getattr(cfg, key)} but this client is pinned to "
-                               f"{key}={context.node_config[key]}; refusing to train")
+    node.check_privacy(cfg)
     if STATE_PRIVACY in context.state:  # the budget may not change once spending has begun
         p = context.state[STATE_PRIVACY]
         for key in protocol.PRIVACY_KEYS:
@@ -72,10 +68,10 @@ def _config(msg: Message, context: Context) -> RunConfig:
     return cfg
 
 
-def _held_tensors(received: dict, cfg: RunConfig, context: Context, version: int) -> dict:
+def _held_tensors(received: dict, cfg: RunConfig, node: NodeSettings, context: Context, version: int) -> dict:
     """The held tensors: from the message when they changed (and then kept), else from this
     client's state."""
-    held = protocol.held_names(adapter_names(cfg), cfg.strategy, cfg.train_head)
+    held = protocol.held_names(adapter_names(cfg, node.label_names(cfg)), cfg.strategy, cfg.train_head)
     if not held:  # fedavg with a trained head: everything travels every round
         return {}
     if any(k in received for k in held):
@@ -108,15 +104,6 @@ def _kept_optimizer_state(cfg: RunConfig, context: Context, held: dict):
     return tensors, scalars
 
 
-def _ledger(context: Context, cfg: RunConfig, partition_id: int, num_partitions: int) -> PrivacyLedger | None:
-    path = context.node_config.get("privacy-ledger")
-    if not path:
-        return None
-    if not cfg.private:
-        raise RuntimeError(f"this node keeps a privacy ledger ({path}) and does not train without DP")
-    return PrivacyLedger(str(path), cfg.epsilon, cfg.delta, owner=f"partition {partition_id} of {num_partitions}")
-
-
 def _privacy_past(cfg: RunConfig, context: Context, ledger: PrivacyLedger | None, seen: float):
     """(history, prior, spent): everything this client's data has spent so far, the part
     spent before this run (which its noise plan accounts for), and the epsilon of the whole.
@@ -146,39 +133,48 @@ def _privacy_past(cfg: RunConfig, context: Context, ledger: PrivacyLedger | None
     return history, prior, spent
 
 
-def _truthy(value) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
-def _reports_diagnostics(context: Context) -> bool:
-    return _truthy(context.node_config.get("report-diagnostics", "false")) or _truthy(os.environ.get(DIAGNOSTICS_ENV, ""))
+def _reports_diagnostics(node: NodeSettings) -> bool:
+    return node.report_diagnostics or os.environ.get(DIAGNOSTICS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
-    partition_id, num_partitions = _partition(context)
-    info = MetricRecord({"partition-id": partition_id, "num-partitions": num_partitions})
-    return Message(RecordDict({protocol.INFO: info}), reply_to=msg)
+    """Say which partition this node trains, or why it cannot take part in this run."""
+    try:
+        node = _node(context)
+        values = {k: v for k, v in msg.content[protocol.CONFIG].items() if k not in protocol.PER_ROUND_KEYS}
+        node.check(RunConfig.from_mapping(values), _run_label_names(msg))
+        info = {"partition-id": node.partition_id, "num-partitions": node.num_partitions}
+    except (NodeConfigError, LedgerError, ConfigError) as exc:
+        info = {protocol.REFUSED: str(exc)}
+    return Message(RecordDict({protocol.INFO: ConfigRecord(info)}), reply_to=msg)
+
+
+def _run_label_names(msg: Message) -> tuple[str, ...] | None:
+    names = msg.content[protocol.CONFIG].get(protocol.LABEL_NAMES)
+    return None if names is None else tuple(str(n) for n in names)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = _config(msg, context)
-    partition_id, num_partitions = _partition(context)
+    node = _node(context)
+    cfg = _config(msg, node, context)
+    partition_id, num_partitions = node.partition_id, node.num_partitions
     round_config = msg.content[protocol.CONFIG]
     version = int(round_config[protocol.HELD_VERSION])
     received = msg.content[protocol.ARRAYS].to_torch_state_dict()
-    held = _held_tensors(received, cfg, context, version)
+    held = _held_tensors(received, cfg, node, context, version)
 
-    ledger = _ledger(context, cfg, partition_id, num_partitions)
+    ledger = node.privacy_ledger(cfg)
     with ledger.locked() if ledger is not None else nullcontext():
         history, prior, spent = _privacy_past(cfg, context, ledger,
                                               float(round_config.get(protocol.EPSILON_SEEN, 0.0)))
-        secure = _truthy(context.node_config.get("secure-noise", "false"))
+        secure = node.secure_noise
         work = ClientWork(cfg=cfg, partition_id=partition_id, num_partitions=num_partitions,
                           server_round=int(round_config[protocol.SERVER_ROUND]), global_state={**received, **held},
                           history=history, seed=secrets.randbits(62) if secure else None,
-                          optimizer_state=_kept_optimizer_state(cfg, context, held), prior=prior)
+                          optimizer_state=_kept_optimizer_state(cfg, context, held), prior=prior,
+                          data_path=node.data_path)
         try:
             result = run_client_round(work)
         except BudgetExhausted:
@@ -212,7 +208,7 @@ def train(msg: Message, context: Context) -> Message:
         "noise-multiplier": result.noise_multiplier, "sample-rate": result.sample_rate, "steps": result.steps,
         "participations": participations, protocol.HELD_VERSION: version,
     }
-    if _reports_diagnostics(context):
+    if _reports_diagnostics(node):
         metrics.update(result.diagnostics)
     if not cfg.private:
         # The loss on the private batches is computed without clipping or noise: releasing

@@ -13,8 +13,14 @@ from fedortho.data import DataError
 from fedortho.models import ModelLoadError
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+DATA_SETTINGS = ("dataset", "text_column", "label_column", "test_fraction", "partitioning", "dirichlet_alpha",
+                 "max_train_examples", "max_test_examples", "seed")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     for f in fields(RunConfig):
+        if only is not None and f.name not in only:
+            continue
         default = f.default if f.default is not MISSING else None
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
@@ -24,7 +30,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
-    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
     return RunConfig.from_mapping(given)
 
 
@@ -93,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
     sw.add_argument("--parallel", type=int, default=1, help="cells run at once (default: 1)")
     sw.add_argument("--out", default=None, help="results folder (default: the file's [sweep] out)")
+    ex = sub.add_parser("export-partition", help="write one client's training examples to a folder a SuperNode "
+                                                 "reads with data-path=<folder>")
+    ex.add_argument("--partition-id", type=int, required=True, help="the client's partition")
+    ex.add_argument("--num-partitions", type=int, required=True, help="number of clients of the run")
+    ex.add_argument("--to", required=True, help="folder to write (must not exist or be empty)")
+    _add_config_options(ex, only=DATA_SETTINGS)
     rp = sub.add_parser("report", help="results table (Markdown, CSV) and plots of a sweep folder")
     rp.add_argument("folder", help="a sweep's results folder")
     args = parser.parse_args(argv)
@@ -103,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             from fedortho.report import report
 
             report(args.folder)
+            return 0
+        if args.command == "export-partition":
+            from fedortho import data
+
+            cfg = _config_from_args(args).replace(clients=max(1, args.num_partitions), clients_per_round=1)
+            written = data.export_partition(cfg, args.partition_id, args.num_partitions, args.to)
+            print(f"fedortho: partition {args.partition_id} of {args.num_partitions}: {written} examples -> {args.to}")
             return 0
         if args.command == "config":
             for key, value in RunConfig().to_dict(hyphenated=True).items():

@@ -190,9 +190,51 @@ def client_dataset(cfg: RunConfig, partition_id: int, num_partitions: int) -> Te
     return TensorDataset(*(t[idx] for t in full.tensors))
 
 
+@functools.lru_cache(maxsize=2)
+def load_local(path: str, text_column: str, label_column: str) -> tuple[tuple[str, ...], np.ndarray, tuple[str, ...]]:
+    """A node's own training data: (texts, labels, label names) of the folder's train split,
+    a dataset saved with ``datasets.save_to_disk`` (``fedortho export-partition`` writes one)."""
+    if not os.path.isdir(path):
+        raise DataError(f"data-path {path} is not a folder")
+    texts, labels, _, _, names = _load_hf(path, text_column, label_column)
+    if not texts:
+        raise DataError(f"data-path {path} holds no examples")
+    if labels.min() < 0 or labels.max() >= len(names):
+        raise DataError(f"data-path {path} has labels outside 0..{len(names) - 1}")
+    return tuple(texts), labels, names
+
+
+def local_dataset(cfg: RunConfig, path: str) -> TensorDataset:
+    """All examples of a node's data folder, tokenized like the run's own splits."""
+    texts, labels, _ = load_local(path, cfg.text_column, cfg.label_column)
+    ids, mask = _tokenized(cfg.model, texts, cfg.max_length)
+    return TensorDataset(ids, mask, torch.from_numpy(labels))
+
+
+def export_partition(cfg: RunConfig, partition_id: int, num_partitions: int, folder: str) -> int:
+    """Write client ``partition_id``'s training examples to ``folder`` (a dataset a node can
+    read with ``data-path``); the label names travel as a ClassLabel feature. Returns the
+    number of examples written."""
+    import datasets
+
+    if os.path.exists(folder) and os.listdir(folder):
+        raise DataError(f"{folder} exists and is not empty")
+    splits = splits_for(cfg)
+    idx = client_indices(cfg, partition_id, num_partitions)
+    features = datasets.Features({cfg.text_column: datasets.Value("string"),
+                                  cfg.label_column: datasets.ClassLabel(names=list(splits.label_names))})
+    table = datasets.Dataset.from_dict({cfg.text_column: [splits.train_texts[i] for i in idx],
+                                        cfg.label_column: [int(splits.train_labels[i]) for i in idx]},
+                                       features=features)
+    datasets.disable_progress_bars()
+    table.save_to_disk(folder)
+    return len(idx)
+
+
 def majority_rate(labels: np.ndarray) -> float:
     return float(np.bincount(labels).max() / max(1, len(labels)))
 
 
 __all__ = ["DataError", "TextSplits", "splits_for", "client_dataset", "train_tensors", "test_tensors",
-           "stratified_split", "partition_indices", "client_indices", "majority_rate"]
+           "stratified_split", "partition_indices", "client_indices", "majority_rate", "load_local", "local_dataset",
+           "export_partition"]

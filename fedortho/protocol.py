@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from fedortho.lora import trainable_names
+from fedortho.node import PRIVACY_KEYS as NODE_PRIVACY_KEYS
 
 CONFIG = "config"
 ARRAYS = "arrays"
@@ -20,10 +21,22 @@ INFO = "info"
 SERVER_ROUND = "server-round"
 HELD_VERSION = "held-version"      # version of the held tensors, bumped whenever one changes
 EPSILON_SEEN = "epsilon-seen"      # the largest cumulative epsilon the server saw this client report
-PER_ROUND_KEYS = (SERVER_ROUND, HELD_VERSION, EPSILON_SEEN)  # not run settings
+LABEL_NAMES = "label-names"        # the run's label names, in label order: a node's own data must agree
+PER_ROUND_KEYS = (SERVER_ROUND, HELD_VERSION, EPSILON_SEEN, LABEL_NAMES)  # not run settings
+
+# What a client's training reply carries besides the tensors it trains: what the accountant
+# counted (public given the run's settings); the gradient diagnostics only where the node opted
+# in; the training loss only without DP (it is computed from private data without noise).
+REPLY_METRICS = ("num-examples", "epsilon", "noise-multiplier", "sample-rate", "steps", "participations",
+                 HELD_VERSION)
+EXHAUSTED_METRICS = ("num-examples", "budget-exhausted", "epsilon", HELD_VERSION)  # a client that sat out
+DIAGNOSTIC_METRICS = ("clipped-fraction", "lora-grad-norm", "head-grad-norm", "grad-samples")
+NON_PRIVATE_METRICS = ("train-loss",)
+
+REFUSED = "refused"  # in a node's description: why it cannot take part in the run
 
 # Settings a deployed client may pin in its node config; it refuses a server that asks otherwise.
-PRIVACY_KEYS = ("epsilon", "delta", "clip")
+PRIVACY_KEYS = NODE_PRIVACY_KEYS
 
 
 def held_names(names: Iterable[str], strategy: str, train_head: bool) -> list[str]:

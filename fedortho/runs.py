@@ -37,13 +37,20 @@ def default_out(cfg: RunConfig) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.strategy}-eps{eps}-seed{cfg.seed}"
 
 
-def git_commit() -> str:
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from; None when it does not run from one
+    (an app bundle installed by Flower: then the app's hash identifies the code)."""
+    package = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package,
                              capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    lines = out.stdout.split()
+    # A bundle unpacked somewhere inside another repository must not take that repository's commit.
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() / package.name != package:
+        return None
+    return lines[1]
 
 
 def package_versions() -> dict[str, str]:
@@ -117,15 +124,17 @@ def finish_interrupted_runs() -> None:
 class RunRecorder:
     """Writes a run's outputs as they happen, so an interrupted run keeps its finished rounds."""
 
-    def __init__(self, cfg: RunConfig, out: Path, echo: bool = True) -> None:
+    def __init__(self, cfg: RunConfig, out: Path, echo: bool = True, provenance: dict[str, Any] | None = None) -> None:
         self.cfg, self.out, self.echo = cfg, Path(out), echo
         if (self.out / "metrics.jsonl").exists():
             raise FileExistsError(f"run folder {self.out} already holds a run; choose another --out")
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()
+        # provenance: what identifies the code and the run under Flower's runtime (run id, app hash)
         meta = {"config": cfg.to_dict(hyphenated=True), "seed": cfg.seed, "git-commit": git_commit(),
-                "packages": package_versions(), "python": sys.version.split()[0], "platform": platform.platform()}
+                **(provenance or {}), "packages": package_versions(), "python": sys.version.split()[0],
+                "platform": platform.platform()}
         (self.out / "config.json").write_text(json.dumps(json_safe(meta), indent=2) + "\n")
         _ACTIVE.append(self)
 
@@ -154,14 +163,18 @@ class RunRecorder:
         evaluated = [r for r in self.rows if "test-accuracy" in r]
         last = evaluated[-1] if evaluated else {}
         trained = [r for r in self.rows if r["round"] > 0]
+        empty = sum(1 for r in trained if r.get("clients-replied") == 0)
         summary = {
             "strategy": self.cfg.strategy, "epsilon-target": self.cfg.epsilon, "rounds": self.cfg.rounds,
             "final-accuracy": last.get("test-accuracy"), "final-loss": last.get("test-loss"),
             "final-round": last.get("round"),
             "best-accuracy": max((r["test-accuracy"] for r in evaluated), default=None),
             "epsilon-spent": max((r["epsilon"] for r in trained if r.get("epsilon") is not None), default=0.0),
-            "wall-seconds": round(time.time() - self.started, 2), **diagnostics_summary(trained), **(extra or {}),
+            "wall-seconds": round(time.time() - self.started, 2), **diagnostics_summary(trained),
+            "empty-rounds": empty, **(extra or {}),
         }
+        if empty:  # a round without a usable update trained nothing: the run did not do what was asked
+            summary["completed"] = False
         (self.out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
         self.plot()
         return summary

@@ -29,28 +29,32 @@ def set_threads(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.num_threads)
 
 
-def build_model(cfg: RunConfig) -> torch.nn.Module:
-    """A fresh classifier with LoRA adapters, initialized from ``cfg.seed`` (B = 0)."""
-    splits = data.splits_for(cfg)
-    base = load_classifier(cfg.model, splits.num_labels, cfg.seed, cfg.pooling)
+def build_model(cfg: RunConfig, label_names: tuple[str, ...] | None = None) -> torch.nn.Module:
+    """A fresh classifier with LoRA adapters, initialized from ``cfg.seed`` (B = 0).
+
+    ``label_names`` (in label order) default to the run dataset's; a node that trains on its
+    own data folder passes that folder's, and need not hold the run's dataset at all.
+    """
+    names = tuple(label_names) if label_names is not None else data.splits_for(cfg).label_names
+    base = load_classifier(cfg.model, len(names), cfg.seed, cfg.pooling)
     if cfg.head_init == "zero-shot":
-        set_head(base, zero_shot_head(base, load_tokenizer(cfg.model), label_texts(cfg, splits.label_names),
-                                      cfg.head_scale))
+        set_head(base, zero_shot_head(base, load_tokenizer(cfg.model), label_texts(cfg, names), cfg.head_scale))
     return attach_lora(base, cfg, cfg.seed)
 
 
-def shared_model(cfg: RunConfig) -> torch.nn.Module:
+def shared_model(cfg: RunConfig, label_names: tuple[str, ...] | None = None) -> torch.nn.Module:
     key = (cfg.model, cfg.pooling, cfg.init_a, cfg.init_a_scale, cfg.head_init, cfg.head_scale, cfg.label_texts,
-           cfg.dataset, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+           cfg.dataset, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+           None if label_names is None else tuple(label_names))
     if key not in _MODELS:
         _MODELS.clear()  # one model per process: a new configuration replaces the old one
-        _MODELS[key] = build_model(cfg)
+        _MODELS[key] = build_model(cfg, label_names)
     return _MODELS[key]
 
 
-def adapter_names(cfg: RunConfig) -> list[str]:
+def adapter_names(cfg: RunConfig, label_names: tuple[str, ...] | None = None) -> list[str]:
     """Names of all adapter tensors (A, B, head) of the model ``cfg`` describes."""
-    return sorted(adapter_state(shared_model(cfg)))
+    return sorted(adapter_state(shared_model(cfg, label_names)))
 
 
 @dataclass
@@ -64,19 +68,22 @@ class ClientWork:
     seed: int | None = None  # None: derived from the run seed, the round and the partition
     optimizer_state: tuple[dict, dict] | None = None  # kept from the client's last round
     prior: History = field(default_factory=list)  # spent before this run (a node's ledger)
+    data_path: str = ""  # a node's own data folder, trained whole instead of a partition of the run's dataset
 
 
 def run_client_round(work: ClientWork) -> ClientResult:
     """Load the global adapter into the shared model and train this client's partition."""
     cfg = work.cfg
     set_threads(cfg)
-    model = shared_model(cfg)
+    label_names = data.load_local(work.data_path, cfg.text_column, cfg.label_column)[2] if work.data_path else None
+    model = shared_model(cfg, label_names)
     expected = adapter_state(model)
     missing = sorted(set(expected) - set(work.global_state))
     if missing:
         raise ValueError(f"global adapter state lacks {len(missing)} tensors, e.g. '{missing[0]}'")
     load_adapter_state(model, work.global_state)
-    dataset = data.client_dataset(cfg, work.partition_id, work.num_partitions)
+    dataset = (data.local_dataset(cfg, work.data_path) if work.data_path
+               else data.client_dataset(cfg, work.partition_id, work.num_partitions))
     names = trainable_names(expected, cfg.strategy, cfg.train_head)
     seed = work.seed if work.seed is not None else round_seed(cfg.seed, work.server_round, work.partition_id)
     return train_client(model, dataset, cfg, names, work.history, seed, work.optimizer_state, work.prior)

@@ -16,6 +16,7 @@ from fedortho.models import ModelLoadError
 from fedortho.runs import RunRecorder, default_out, get_logger
 from fedortho.train import evaluate
 from fedortho.worker import build_model, set_threads
+from server.grid import PromptGrid
 from server.strategy import LoRAStrategy
 
 
@@ -27,12 +28,13 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     """
     set_threads(cfg)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
-    recorder = RunRecorder(cfg, out)
+    recorder = RunRecorder(cfg, out, provenance=provenance(grid))
     print(f"fedortho: {cfg.strategy}, {cfg.clients_per_round}/{cfg.clients} clients per round, "
           f"{cfg.rounds} rounds, epsilon {cfg.epsilon:g} -> {out}", flush=True)
     model = build_model(cfg)  # the server's copy, for evaluation and for saving the adapter
     test = data.test_tensors(cfg)
-    strategy = LoRAStrategy(cfg)
+    strategy = LoRAStrategy(cfg, data.splits_for(cfg).label_names)
+    grid = PromptGrid(grid)
 
     zero_shot = None
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -64,11 +66,28 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             zero_shot = recorder.rows[0].get("test-accuracy")
         summary = recorder.finish({"majority-rate": data.majority_rate(data.splits_for(cfg).test_labels),
                                    "zero-shot-accuracy": zero_shot, "completed": finished})
+    if summary["empty-rounds"]:
+        get_logger().warning("%d of %d rounds had no usable client update; the run is not complete",
+                             summary["empty-rounds"], cfg.rounds)
     final = summary["final-accuracy"]
     print(f"fedortho: final accuracy {'-' if final is None else f'{final:.4f}'} (zero-shot head "
           f"{'-' if zero_shot is None else f'{zero_shot:.4f}'}), epsilon spent {summary['epsilon-spent']:.3f}, "
           f"{summary['wall-seconds']:.0f}s; outputs in {out}", flush=True)
     return summary
+
+
+def provenance(grid: Grid) -> dict:
+    """The Flower run id and the hash of the app bundle that ran (empty in a simulation
+    started by ``fedortho simulate``, where the checkout's commit identifies the code)."""
+    try:
+        run = grid.run
+    except Exception:  # a Grid without a run set
+        return {}
+    out = {}
+    if getattr(run, "fab_hash", ""):
+        out.update({"flower-run-id": int(run.run_id), "app-hash": run.fab_hash,
+                    "app": f"{run.fab_id}=={run.fab_version}".strip("=")})
+    return out
 
 
 def evaluated(cfg: RunConfig, server_round: int) -> bool:
@@ -109,5 +128,11 @@ def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_mapping(context.run_config)
         run_federation(grid, cfg)
     except (ConfigError, DataError, ModelLoadError, FileExistsError) as exc:
-        get_logger().error("%s", exc)  # one line, not a traceback
-        raise SystemExit(2) from None
+        get_logger().error("%s", exc)  # the reason in one line, before Flower's report
+        # An Exception (not SystemExit, which Flower does not catch) makes Flower mark the
+        # run failed with this reason (`flwr ls`) instead of waiting for a heartbeat.
+        raise RunFailed(str(exc)) from None
+
+
+class RunFailed(RuntimeError):
+    """The run could not start or go on; its message is the reason, in one line."""

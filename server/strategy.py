@@ -7,6 +7,7 @@ what travels (``fedortho.protocol``), validates replies and keeps per-node bookk
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterable
 from logging import INFO
@@ -31,10 +32,13 @@ CLIENT_WAIT_SECONDS = 600
 class LoRAStrategy(FedAvg):
     """Weighted aggregation of LoRA adapters with an optional FedSVD refactorization."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, label_names: tuple[str, ...] = ()) -> None:
         # Flower's own node checks are not used: sample() and _discover() decide who trains.
         super().__init__(min_train_nodes=cfg.clients_per_round)
         self.cfg = cfg
+        self.label_names = list(label_names)  # sent to nodes: their own data must label examples alike
+        self.refused: dict[int, str] = {}  # nodes that cannot take part, with their reason
+        self._sent: list[Message] = []  # this round's training messages: replies are matched to them
         self.rng = np.random.default_rng(cfg.seed)
         self.held_version = 0
         self.held_version_at_node: dict[int, int] = {}
@@ -68,22 +72,29 @@ class LoRAStrategy(FedAvg):
                                    f"{CLIENT_WAIT_SECONDS}s (start one SuperNode per client, or lower 'clients')")
             logger.info("waiting for clients: %d of %d connected", len(nodes), need)
             time.sleep(1)
-        unknown = [n for n in nodes if n not in self.partition_of_node]
+        unknown = [n for n in nodes if n not in self.partition_of_node and n not in self.refused]
         if not unknown:
             return
-        content = RecordDict({protocol.CONFIG: ConfigRecord(self.cfg.to_dict(hyphenated=True))})
-        replies = grid.send_and_receive([Message(content=content, message_type=MessageType.QUERY, dst_node_id=n)
-                                         for n in unknown])
+        settings = {**self.cfg.to_dict(hyphenated=True), protocol.LABEL_NAMES: self.label_names}
+        queries = [Message(content=RecordDict({protocol.CONFIG: ConfigRecord(settings)}),
+                           message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+        replies = grid.send_and_receive(queries)
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = recipient(reply, queries)
             if reply.has_error():
-                logger.warning("client node %d did not describe itself: %s", node, reply.error.reason)
+                logger.warning("client node %d did not describe itself: %s", node, error_line(reply))
                 continue
             info = reply.content[protocol.INFO]
-            partition, parts = int(info["partition-id"]), int(info["num-partitions"])
-            if parts != self.cfg.clients:
-                raise RuntimeError(f"client node {node} has num-partitions={parts}, but the run has "
-                                   f"clients={self.cfg.clients}")
+            if protocol.REFUSED in info:
+                self.refused[node] = str(info[protocol.REFUSED])
+                logger.warning("client node %d cannot take part: %s", node, self.refused[node])
+                continue
+            partition = int(info["partition-id"])
+            if int(info["num-partitions"]) != self.cfg.clients:
+                self.refused[node] = (f"num-partitions {int(info['num-partitions'])} does not match the run's "
+                                      f"clients={self.cfg.clients}")
+                logger.warning("client node %d cannot take part: %s", node, self.refused[node])
+                continue
             holder = next((n for n, p in self.partition_of_node.items() if p == partition), None)
             if holder is not None:
                 if holder in nodes:
@@ -104,7 +115,9 @@ class LoRAStrategy(FedAvg):
         by_partition = {p: n for n, p in self.partition_of_node.items() if n in connected}
         partitions = sorted(by_partition)
         if len(partitions) < self.cfg.clients_per_round:
-            raise RuntimeError(f"only {len(partitions)} clients available, {self.cfg.clients_per_round} needed")
+            reasons = "".join(f"; node {n}: {why}" for n, why in self.refused.items() if n in connected)
+            raise RuntimeError(f"only {len(partitions)} clients available, {self.cfg.clients_per_round} needed"
+                               f"{reasons}")
         chosen = self.rng.choice(partitions, size=self.cfg.clients_per_round, replace=False)
         return [by_partition[int(p)] for p in sorted(chosen)]
 
@@ -125,16 +138,16 @@ class LoRAStrategy(FedAvg):
                                   protocol.CONFIG: ConfigRecord({**settings, protocol.EPSILON_SEEN: seen})})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         self._global = state
+        self._sent = messages  # the Grid sets their message ids when it sends them
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         return []  # the server evaluates the global model on the held-out test split itself
 
-    def _read_reply(self, reply: Message, expected: dict[str, torch.Tensor], who: str):
+    def _read_reply(self, reply: Message, node: int, expected: dict[str, torch.Tensor], who: str):
         """(update, weight, train loss) of a usable reply; None if the client sat out; raises if bad."""
         info = reply.content[protocol.METRICS]
-        node = reply.metadata.src_node_id
         epsilon = float(info["epsilon"])
         if math.isnan(epsilon):
             raise AggregationError("reported epsilon is NaN")
@@ -159,16 +172,15 @@ class LoRAStrategy(FedAvg):
         losses, exhausted, failed = [], 0, 0
         self.last_clients = []
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = recipient(reply, self._sent)
             who = f"client {self.partition_of_node.get(node, node)}"
             if reply.has_error():
                 failed += 1
                 self.held_version_at_node.pop(node, None)  # it may have lost its state: resend A
-                reason = (reply.error.reason or "").strip().splitlines()
-                logger.warning("%s failed: %s", who, reason[-1] if reason else "no reason given")
+                logger.warning("%s failed: %s", who, error_line(reply))
                 continue
             try:
-                read = self._read_reply(reply, expected, who)
+                read = self._read_reply(reply, node, expected, who)
             except (AggregationError, KeyError, TypeError, ValueError) as exc:
                 failed += 1
                 self.held_version_at_node.pop(node, None)
@@ -203,6 +215,27 @@ class LoRAStrategy(FedAvg):
         if any(not torch.equal(new_state[k], self._global[k]) for k in held):
             self.held_version += 1
         return ArrayRecord({k: v.contiguous() for k, v in new_state.items()}), MetricRecord(metrics)
+
+
+def recipient(reply: Message, sent: list[Message]) -> int:
+    """The node a reply answers for: the recipient of the message it replies to.
+
+    Not ``reply.metadata.src_node_id``: when a node dies, the SuperLink answers in its place
+    with an error reply that carries the SuperLink's own id there.
+    """
+    wanted = reply.metadata.reply_to_message_id
+    for message in sent:
+        if message.metadata.message_id == wanted:
+            return message.metadata.dst_node_id
+    return reply.metadata.src_node_id  # not one of ours (cannot happen with Flower's Grids)
+
+
+def error_line(reply: Message) -> str:
+    """The last line of an error reply's reason, without Flower's "<class ...>:<'...'>" wrapping."""
+    reason = (reply.error.reason or "").strip()
+    match = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", reason, flags=re.S)
+    lines = (match.group(1) if match else reason).strip().splitlines()
+    return lines[-1] if lines else "no reason given"
 
 
 CLIENT_KEYS = ("epsilon", "noise-multiplier", "sample-rate", "steps", "participations", "budget-exhausted",

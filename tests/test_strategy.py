@@ -29,6 +29,7 @@ class LocalGrid:
         self.corrupt_node, self.tamper, self.before_round = corrupt_node, tamper, before_round
         self.sent, self.received, self.held_by_client = [], [], []
         self.rounds = 0
+        self.last_train_message = {}
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -41,6 +42,7 @@ class LocalGrid:
             if self.before_round:
                 self.before_round(self, self.rounds)
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's Grids do when sending
             node = msg.metadata.dst_node_id
             try:
                 reply = client_app(msg, self.contexts[node])
@@ -48,6 +50,7 @@ class LocalGrid:
                 replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
                 continue
             if msg.metadata.message_type == "train":
+                self.last_train_message[node] = msg
                 self.sent.append((node, sorted(msg.content["arrays"].keys())))
                 if node == self.corrupt_node:
                     arrays = reply.content["arrays"]
@@ -58,7 +61,7 @@ class LocalGrid:
                 if self.tamper:
                     reply = self.tamper(node, reply)
                 self.received.append((node, sorted(reply.content["arrays"].keys())
-                                       if "arrays" in reply.content else []))
+                                       if reply.has_content() and "arrays" in reply.content else []))
                 state = self.contexts[node].state
                 if "held-tensors" in state:
                     self.held_by_client.append((self.rounds, state["held-tensors"].to_torch_state_dict()))
@@ -181,11 +184,72 @@ def test_a_private_client_that_lost_its_history_refuses(tiny_cfg):
 
 def test_pinned_privacy_settings_are_enforced_by_the_client(tiny_cfg):
     cfg = tiny_cfg.replace(rounds=1, epsilon=math.inf)
-    grid = LocalGrid(3, node_config={"epsilon": 6.0})  # the server asks for no DP: refused
-    _, _, rounds = start(cfg, grid)
+    # The server asks for no DP: every node refuses when asked to describe itself ...
+    with pytest.raises(RuntimeError, match=r"only 0 clients available.*pinned to epsilon=6"):
+        start(cfg, LocalGrid(3, node_config={"epsilon": 6.0}))
+
+    # ... and when asked to train, should a server skip discovery or a node change its pin.
+    def pin(grid, server_round):
+        for context in grid.contexts.values():
+            context.node_config["epsilon"] = 6.0
+    _, _, rounds = start(cfg, LocalGrid(3, before_round=pin))
     assert rounds[0]["clients-replied"] == 0 and rounds[0]["clients-failed"] == 3
     _, _, rounds = start(tiny_cfg.replace(rounds=1, epsilon=6.0), LocalGrid(3, node_config={"epsilon": 6.0}))
     assert rounds[0]["clients-replied"] == 3
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({"partition-id": 5}, "partition-id 5 is out of range for num-partitions 3"),
+    ({"num-partitions": 4, "partition-id": 2}, "num-partitions 4 does not match the run's clients=3"),
+    ({"epsilon": -1}, "node-config epsilon must be > 0"),
+    ({"clip": "two"}, "node-config clip must be a number"),
+    ({"delta": 1e-6}, "pinned to delta=1e-06"),
+    ({"privacy-ledger": "LEDGER-GARBAGE"}, "is unreadable"),
+    ({"privacy-ledger": "LEDGER-FOREIGN"}, "is kept for owner partition 0 of 3"),
+    ({"data-path": "/nonexistent/folder"}, "data-path /nonexistent/folder is not a folder"),
+    ({"secure-noise": "maybe"}, "secure-noise"),
+    ({"partiton-id": 1}, "unknown node-config key 'partiton-id'"),
+])
+def test_a_bad_node_config_is_dropped_at_discovery_with_its_reason(tiny_cfg, tmp_path, bad, reason):
+    """The misconfigured node (partition 2) is named with its own reason before round 1 and
+    never asked to train; the other nodes train."""
+    from fedortho.privacy import PrivacyLedger
+
+    bad = dict(bad)
+    if bad.get("privacy-ledger") == "LEDGER-GARBAGE":
+        bad["privacy-ledger"] = str(tmp_path / "garbage.json")
+        (tmp_path / "garbage.json").write_text("{not json")
+    elif bad.get("privacy-ledger") == "LEDGER-FOREIGN":
+        bad["privacy-ledger"] = str(tmp_path / "foreign.json")
+        PrivacyLedger(tmp_path / "foreign.json", 6.0, 1e-5, owner="partition 0 of 3").write([(1.0, 0.1, 3)])
+    before = (tmp_path / "garbage.json").read_text() if (tmp_path / "garbage.json").exists() else None
+    cfg = tiny_cfg.replace(rounds=1, epsilon=6.0, clients_per_round=2)
+    grid = LocalGrid(3, node_config=lambda i: bad if i == 2 else {})
+    strategy, _, rounds = start(cfg, grid)
+    assert list(strategy.refused) == [102] and reason in strategy.refused[102]
+    assert 102 not in strategy.partition_of_node and all(node != 102 for node, _ in grid.sent)
+    assert rounds[0]["clients-replied"] == 2 and rounds[0]["clients-failed"] == 0
+    if before is not None:
+        assert (tmp_path / "garbage.json").read_text() == before  # a refused ledger is left as it was
+
+
+def test_a_failed_client_is_named_from_the_message_it_answers(tiny_cfg, caplog):
+    """When a node dies the SuperLink answers for it, with its own id as the sender: the
+    failure must be charged to the node the message went to."""
+    superlink_id = 1
+
+    def die(node, reply):
+        if node == 101:
+            msg = grid.last_train_message[node]
+            reply = Message(Error(code=0, reason="<class 'RuntimeError'>:<'node went away'>"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = superlink_id
+        return reply
+
+    grid = LocalGrid(3, tamper=die)
+    strategy, _, rounds = start(tiny_cfg.replace(rounds=1), grid)
+    assert rounds[0]["clients-failed"] == 1 and rounds[0]["clients-replied"] == 2
+    assert "client 1 failed: node went away" in caplog.text
+    assert 101 not in strategy.held_version_at_node  # its held tensors are resent next time
 
 
 def _run_from(cfg, initial):
@@ -318,10 +382,10 @@ def test_a_ledger_refuses_another_budget_another_owner_and_damage_and_is_kept(ti
     kept = {i: ledgers[i].read_text() for i in range(3)}
 
     def refused(run_cfg, node_config, reason):
-        caplog.clear()
-        _, _, rounds = start(run_cfg, LocalGrid(3, node_config=node_config))
-        assert rounds[0]["clients-replied"] == 0 and rounds[0]["clients-failed"] == 3
-        assert reason in caplog.text
+        # Every node refuses when first asked to describe itself, with its reason; no round runs.
+        with pytest.raises(RuntimeError, match="only 0 clients available") as info:
+            start(run_cfg, LocalGrid(3, node_config=node_config))
+        assert reason in str(info.value)
         assert all(ledgers[i].read_text() == kept[i] for i in range(3))  # nothing lost or overwritten
 
     # A larger budget asked by a later run is not a fresh budget.
@@ -335,9 +399,10 @@ def test_a_ledger_refuses_another_budget_another_owner_and_damage_and_is_kept(ti
     ledgers[0].write_text(kept[0][:40])
     kept[0] = ledgers[0].read_text()
     caplog.clear()
-    _, _, rounds = start(cfg, LocalGrid(3, node_config=lambda i: {"privacy-ledger": str(ledgers[i])}))
-    assert rounds[0]["clients-failed"] >= 1 and ledgers[0].read_text() == kept[0]
-    assert "is unreadable (JSONDecodeError); refusing to train rather than start a fresh budget" in caplog.text
+    strategy, _, rounds = start(cfg.replace(clients_per_round=2),
+                                LocalGrid(3, node_config=lambda i: {"privacy-ledger": str(ledgers[i])}))
+    assert rounds[0]["clients-exhausted"] == 2 and ledgers[0].read_text() == kept[0]  # 1 and 2 spent it all
+    assert "is unreadable (JSONDecodeError); refusing to train rather than start a fresh budget" in strategy.refused[100]
 
 
 def test_a_private_node_restarted_with_its_ledger_trains_on(tiny_cfg, tmp_path):
@@ -425,3 +490,33 @@ def test_rounds_go_on_with_the_clients_still_connected(tiny_cfg, monkeypatch):
     # Round 2 may have addressed the lost node already; round 3 samples from the two left.
     assert len(rounds) == 3 and rounds[0]["clients-replied"] == 2 and rounds[2]["clients-replied"] == 2
 
+
+
+@pytest.mark.parametrize("epsilon, opted_in", [(6.0, False), (6.0, True), (math.inf, False)])
+def test_a_client_sends_only_what_the_protocol_names(tiny_cfg, epsilon, opted_in, monkeypatch):
+    """Every training reply holds two records: the tensors the rule trains, no more, and the
+    metrics the protocol lists (diagnostics only where the node opted in, the training loss
+    only without DP)."""
+    from fedortho import protocol
+    from fedortho.lora import trainable_names
+
+    monkeypatch.delenv("FEDORTHO_REPORT_DIAGNOSTICS", raising=False)
+    replies = []
+
+    def keep(node, reply):
+        replies.append(reply)
+        return reply
+
+    cfg = tiny_cfg.replace(rounds=2, epsilon=epsilon)
+    grid = LocalGrid(3, tamper=keep, node_config={"report-diagnostics": "true"} if opted_in else None)
+    start(cfg, grid)
+    names = sorted(adapter_state(build_model(cfg)))
+    allowed = set(protocol.REPLY_METRICS) | (set(protocol.DIAGNOSTIC_METRICS) if opted_in else set()) | \
+        (set(protocol.NON_PRIVATE_METRICS) if epsilon == math.inf else set())
+    assert len(replies) == 6
+    for reply in replies:
+        assert set(reply.content.keys()) == {protocol.ARRAYS, protocol.METRICS}
+        assert sorted(reply.content[protocol.ARRAYS].keys()) == trainable_names(names, cfg.strategy, cfg.train_head)
+        sent = set(reply.content[protocol.METRICS].keys())
+        assert sent <= allowed, sent - allowed
+        assert (set(protocol.DIAGNOSTIC_METRICS) - {"head-grad-norm"} <= sent) == opted_in

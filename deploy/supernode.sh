@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Start or stop a SuperNode: one client, training on data it holds.
+#
+#   deploy/supernode.sh start DIR NAME --superlink HOST:PORT --ca CA.crt --key KEY \
+#       --partition I --partitions N [--data-path FOLDER] [--ledger FILE] \
+#       [--epsilon E --delta D --clip C] [--secure-noise] [--report-diagnostics] [--port Q]
+#   deploy/supernode.sh start DIR NAME --superlink HOST:PORT --insecure --partition I --partitions N ...
+#   deploy/supernode.sh stop DIR NAME
+#
+# Secure by default: the SuperLink's certificate is checked against CA.crt, and the node
+# authenticates with KEY (made by deploy/node-key.sh, registered at the SuperLink). FOLDER is
+# this node's own training data (`fedortho export-partition` writes one); without it the
+# node reads partition I of the run's dataset. --ledger keeps the privacy budget of this
+# node's data across runs; --epsilon/--delta/--clip pin the privacy settings this node
+# accepts; --secure-noise seeds the noise from OS randomness. Q is the node's local Runtime
+# API port (a free one by default). Log and pid file go to DIR/NAME.log and DIR/NAME.pid.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+[[ $# -ge 3 && $1 != -h && $1 != --help ]] || { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+action=$1 dir=$2 name=$3; shift 3
+pidfile=$dir/$name.pid log=$dir/$name.log
+case $action in
+    stop) stop "supernode $name" "$pidfile"; exit 0 ;;
+    start) ;;
+    *) die "unknown action '$action' (start or stop)" ;;
+esac
+superlink="" ca="" key="" insecure=0 port="" partition="" partitions="" config=()
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --superlink) superlink=$2; shift 2 ;;
+        --ca) ca=$2; shift 2 ;;
+        --key) key=$2; shift 2 ;;
+        --insecure) insecure=1; shift ;;
+        --port) port=$2; shift 2 ;;
+        --partition) partition=$2; shift 2 ;;
+        --partitions) partitions=$2; shift 2 ;;
+        --data-path) [[ -d $2 ]] || die "data folder $2 does not exist"
+                     config+=("data-path=\"$(cd "$2" && pwd)\""); shift 2 ;;
+        --ledger) config+=("privacy-ledger=\"$(cd "$(dirname "$2")" && pwd)/$(basename "$2")\""); shift 2 ;;
+        --epsilon|--delta|--clip) config+=("${1#--}=$2"); shift 2 ;;
+        --secure-noise) config+=("secure-noise=true"); shift ;;
+        --report-diagnostics) config+=("report-diagnostics=true"); shift ;;
+        *) die "unknown option '$1'" ;;
+    esac
+done
+[[ -n $superlink ]] || die "give --superlink HOST:PORT"
+[[ $partition =~ ^[0-9]+$ && $partitions =~ ^[0-9]+$ ]] || die "give --partition I and --partitions N (whole numbers)"
+(( partition < partitions )) || die "--partition $partition is out of range for --partitions $partitions"
+args=(--superlink "$superlink" --port "${port:-$(free_port)}"
+      --node-config "partition-id=$partition num-partitions=$partitions ${config[*]:-}")
+if [[ $insecure == 1 ]]; then
+    [[ -z $ca && -z $key ]] || die "--insecure excludes --ca and --key"
+    echo "supernode $name: WARNING: no TLS and no authentication (loopback experiments only)"
+    args+=(--insecure)
+else
+    [[ -n $ca && -n $key ]] || die "give --ca CA.crt and --key KEY, or --insecure for a loopback experiment"
+    [[ -r $ca ]] || die "cannot read $ca"
+    [[ -r $key ]] || die "cannot read $key"
+    args+=(--root-certificates "$ca" --auth-supernode-private-key "$key")
+fi
+mkdir -p "$dir"
+start "supernode $name" "$pidfile" "$log" "${bin}flower-supernode" "${args[@]}"
+sleep 2
+kill -0 "$(cat "$pidfile")" 2>/dev/null || { tail -n 20 "$log" >&2; die "supernode $name exited at start (log: $log)"; }
+echo "supernode $name: partition $partition of $partitions -> $superlink (pid $(cat "$pidfile"), log $log)"
