@@ -30,6 +30,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/bench_refactorize.py
 	$(PY) benchmarks/bench_optimizers.py
+	$(PY) benchmarks/bench_deployment.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

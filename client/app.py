@@ -32,8 +32,9 @@ from fedortho import protocol
 from fedortho.config import ConfigError, RunConfig
 from fedortho.node import NodeConfigError, NodeSettings
 from fedortho.optim.rotation import rotate_saved_state
-from fedortho.privacy import BudgetExhausted, LedgerError, PrivacyLedger, remember_plan, spent_epsilon
-from fedortho.worker import ClientWork, adapter_names, run_client_round
+from fedortho.nodeworker import InProcess, NodeWorkerClient
+from fedortho.privacy import BudgetExhausted, LedgerError, PrivacyLedger
+from fedortho.worker import ClientWork
 
 app = ClientApp()
 
@@ -68,10 +69,16 @@ def _config(msg: Message, node: NodeSettings, context: Context) -> RunConfig:
     return cfg
 
 
-def _held_tensors(received: dict, cfg: RunConfig, node: NodeSettings, context: Context, version: int) -> dict:
+def _backend(node: NodeSettings):
+    """Where training runs: the node's long-lived worker if its config names one (deployment;
+    ``fedortho.nodeworker``), else this process (simulation, whose worker processes live on)."""
+    return NodeWorkerClient(node.worker_socket) if node.worker_socket else InProcess()
+
+
+def _held_tensors(received: dict, cfg: RunConfig, names: list[str], context: Context, version: int) -> dict:
     """The held tensors: from the message when they changed (and then kept), else from this
     client's state."""
-    held = protocol.held_names(adapter_names(cfg, node.label_names(cfg)), cfg.strategy, cfg.train_head)
+    held = protocol.held_names(names, cfg.strategy, cfg.train_head)
     if not held:  # fedavg with a trained head: everything travels every round
         return {}
     if any(k in received for k in held):
@@ -104,23 +111,24 @@ def _kept_optimizer_state(cfg: RunConfig, context: Context, held: dict):
     return tensors, scalars
 
 
-def _privacy_past(cfg: RunConfig, context: Context, ledger: PrivacyLedger | None, seen: float):
-    """(history, prior, spent): everything this client's data has spent so far, the part
-    spent before this run (which its noise plan accounts for), and the epsilon of the whole.
-    Refuses to go on if spending the server has seen (``seen``) or this run's own history is
-    missing from what it finds."""
-    history, prior = [], None
+def _privacy_past(cfg: RunConfig, context: Context, ledger: PrivacyLedger | None, seen: float, backend):
+    """(history, prior, spent, plan): everything this client's data has spent so far, the part
+    spent before this run (which its noise plan accounts for), the epsilon of the whole, and
+    the noise plan made in an earlier round (None in the first). Refuses to go on if spending
+    the server has seen (``seen``) or this run's own history is missing from what it finds."""
+    history, prior, plan = [], None, None
     if STATE_PRIVACY in context.state:
         p = context.state[STATE_PRIVACY]
         history = list(zip(p["noise-multipliers"], p["sample-rates"], p["steps"]))
         prior = json.loads(str(p.get("plan-prior", "[]")))
-        # The plan travels with the client: whichever worker trains it next does not redo it.
-        remember_plan(cfg.epsilon, cfg.delta, p["plan-sample-rate"], p["plan-steps"], p["plan-noise-multiplier"],
-                      prior)
-    spent = spent_epsilon(history, cfg.delta)
+        # The plan travels with the client: whichever process trains it next does not redo it.
+        plan = (cfg.epsilon, cfg.delta, float(p["plan-sample-rate"]), int(p["plan-steps"]),
+                float(p["plan-noise-multiplier"]), prior)
+    # Epsilon is computed by the backend: in a node worker, Opacus is imported once, not per message.
+    spent = backend.spent_epsilon(history, cfg.delta)
     if ledger is not None:
         history = ledger.read()  # every run's rounds on this node, this run's included
-        in_ledger = spent_epsilon(history, cfg.delta)
+        in_ledger = backend.spent_epsilon(history, cfg.delta)
         if in_ledger < spent - 1e-9:
             raise RuntimeError(f"privacy ledger {ledger.path} shows less spending than this run's own "
                                "history (was it replaced or removed?); refusing to train")
@@ -130,7 +138,7 @@ def _privacy_past(cfg: RunConfig, context: Context, ledger: PrivacyLedger | None
     if cfg.private and seen > spent + 1e-9:
         raise RuntimeError(f"this client's privacy history is missing (the server saw it spend epsilon "
                            f"{seen:.3f}, its state shows {spent:.3f}); refusing to train")
-    return history, prior, spent
+    return history, prior, spent, plan
 
 
 def _reports_diagnostics(node: NodeSettings) -> bool:
@@ -163,12 +171,13 @@ def train(msg: Message, context: Context) -> Message:
     round_config = msg.content[protocol.CONFIG]
     version = int(round_config[protocol.HELD_VERSION])
     received = msg.content[protocol.ARRAYS].to_torch_state_dict()
-    held = _held_tensors(received, cfg, node, context, version)
+    backend = _backend(node)
+    held = _held_tensors(received, cfg, backend.adapter_names(cfg, node.data_path), context, version)
 
     ledger = node.privacy_ledger(cfg)
     with ledger.locked() if ledger is not None else nullcontext():
-        history, prior, spent = _privacy_past(cfg, context, ledger,
-                                              float(round_config.get(protocol.EPSILON_SEEN, 0.0)))
+        history, prior, spent, plan = _privacy_past(cfg, context, ledger,
+                                                    float(round_config.get(protocol.EPSILON_SEEN, 0.0)), backend)
         secure = node.secure_noise
         work = ClientWork(cfg=cfg, partition_id=partition_id, num_partitions=num_partitions,
                           server_round=int(round_config[protocol.SERVER_ROUND]), global_state={**received, **held},
@@ -176,14 +185,15 @@ def train(msg: Message, context: Context) -> Message:
                           optimizer_state=_kept_optimizer_state(cfg, context, held), prior=prior,
                           data_path=node.data_path)
         try:
-            result = run_client_round(work)
+            result = backend.train(work, plan)
         except BudgetExhausted:
             # Not an error: the client has spent what it may and sits the remaining rounds out.
             metrics = MetricRecord({"num-examples": 0, "budget-exhausted": 1, "epsilon": spent,
                                     protocol.HELD_VERSION: version})
             return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
         if ledger is not None:
-            ledger.write(result.history)  # before anything trained on the data leaves the node
+            # before anything trained on the data leaves the node
+            ledger.write(result.history, backend.spent_epsilon(result.history, cfg.delta))
 
     if cfg.optimizer_state == "keep":
         tensors, scalars = result.optimizer_state

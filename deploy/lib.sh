@@ -23,7 +23,8 @@ start() {
     if [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
         die "$name is already running (pid $(cat "$pidfile")); stop it first"
     fi
-    setsid "$@" >"$log" 2>&1 < /dev/null &
+    echo "--- $(date -u +%FT%TZ) start" >> "$log"  # a restart appends: the earlier run's lines stay
+    setsid "$@" >>"$log" 2>&1 < /dev/null &
     echo $! > "$pidfile"
 }
 
@@ -32,16 +33,19 @@ descendants() {  # every process below PID (Flower detaches some of them into ne
     for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$child"; descendants "$child"; done
 }
 
-# stop NAME PIDFILE: SIGTERM to the process, its group and its descendants; SIGKILL after 15 s.
+# stop NAME PIDFILE: SIGTERM to the process (a SuperNode then leaves the federation cleanly),
+# after 15 s to its group and descendants, SIGKILL to whatever is left 5 s later.
 stop() {
     local name=$1 pidfile=$2 pid tree
     [[ -f $pidfile ]] || { echo "$name: not running (no $pidfile)"; return 0; }
     pid=$(cat "$pidfile")
     tree="$pid $(descendants "$pid" | tr '\n' ' ')"
     if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -TERM -- "-$pid" 2>/dev/null || true
         kill -TERM $tree 2>/dev/null || true
-        for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
     kill -KILL -- "-$pid" 2>/dev/null || true
     kill -KILL $tree 2>/dev/null || true

@@ -3,21 +3,23 @@
 # authentication, one SuperNode per client reading its own data folder and keeping a privacy
 # ledger, a `flwr run`, and everything stopped at the end.
 #
-#   deploy/loopback.sh DIR [--nodes N] [--rounds R] [--insecure] [--keep] [RUN-CONFIG ...]
+#   deploy/loopback.sh DIR [--nodes N] [--rounds R] [--insecure] [--no-worker] [--keep] [RUN-CONFIG ...]
 #
 # RUN-CONFIG entries are `key=value` run settings passed to `flwr run` (e.g. model="/x/tiny"
-# local-steps=2); the run folder is DIR/run. --keep leaves the SuperLink and SuperNodes up.
+# local-steps=2); the run folder is DIR/run. --keep leaves the SuperLink and SuperNodes up;
+# --no-worker starts the SuperNodes without their node workers (see supernode.sh).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 [[ $# -ge 1 && $1 != -h && $1 != --help ]] || { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 dir=$(mkdir -p "$1" && cd "$1" && pwd); shift
-nodes=2 rounds=3 insecure=0 keep=0 overrides=()
+nodes=2 rounds=3 insecure=0 keep=0 overrides=() node_opts=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --nodes) nodes=$2; shift 2 ;;
         --rounds) rounds=$2; shift 2 ;;
         --insecure) insecure=1; shift ;;
         --keep) keep=1; shift ;;
+        --no-worker) node_opts+=(--no-worker); shift ;;
         *=*) overrides+=("$1"); shift ;;
         *) die "unknown option '$1'" ;;
     esac
@@ -52,7 +54,7 @@ for ((i = 0; i < nodes; i++)); do
     [[ -d $dir/data/node-$i ]] || "${bin}fedortho" export-partition --partition-id "$i" --num-partitions "$nodes" \
         --to "$dir/data/node-$i" "${export_args[@]}"
     node=(--superlink "127.0.0.1:$port" --partition "$i" --partitions "$nodes" --data-path "$dir/data/node-$i"
-          --ledger "$dir/ledgers/node-$i.json")
+          --ledger "$dir/ledgers/node-$i.json" "${node_opts[@]}")
     if [[ $insecure == 1 ]]; then
         "$here/supernode.sh" start "$dir" "node-$i" "${node[@]}" --insecure
     else

@@ -11,6 +11,7 @@ from dataclasses import MISSING, fields
 from fedortho.config import ConfigError, RunConfig
 from fedortho.data import DataError
 from fedortho.models import ModelLoadError
+from fedortho.nodeworker import NodeWorkerError
 
 
 DATA_SETTINGS = ("dataset", "text_column", "label_column", "test_fraction", "partitioning", "dirichlet_alpha",
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--num-partitions", type=int, required=True, help="number of clients of the run")
     ex.add_argument("--to", required=True, help="folder to write (must not exist or be empty)")
     _add_config_options(ex, only=DATA_SETTINGS)
+    nw = sub.add_parser("node-worker", help="keep a deployed node's model and data in memory across Flower's "
+                                             "per-message ClientApp processes (see deploy/README.md)")
+    nw.add_argument("--socket", required=True, help="Unix socket to serve; the node config names it as "
+                                                    "worker-socket=<path>")
     rp = sub.add_parser("report", help="results table (Markdown, CSV) and plots of a sweep folder")
     rp.add_argument("folder", help="a sweep's results folder")
     args = parser.parse_args(argv)
@@ -115,6 +120,15 @@ def main(argv: list[str] | None = None) -> int:
             from fedortho.report import report
 
             report(args.folder)
+            return 0
+        if args.command == "node-worker":
+            from fedortho.nodeworker import serve
+
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # unlink the socket on the way out
+            try:
+                serve(args.socket)
+            except KeyboardInterrupt:
+                pass
             return 0
         if args.command == "export-partition":
             from fedortho import data
@@ -134,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         _stop_cleanly_on_signals()
         simulate(cfg, args.client_cpus, args.ray_address, args.verbose)
         return 0
-    except (ConfigError, DataError, ModelLoadError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, ModelLoadError, FileNotFoundError, NodeWorkerError) as exc:
         print(f"fedortho: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # what the ServerApp raised (run_simulation may wrap it in a RuntimeError)

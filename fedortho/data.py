@@ -64,13 +64,15 @@ def _load_hf(name: str, text_column: str, label_column: str):
         raise DataError(f"cannot load dataset '{name}': {first}") from exc
     if isinstance(data, datasets.Dataset):
         data = datasets.DatasetDict({"train": data})
-    if "train" not in data:
-        raise DataError(f"dataset '{name}' has no 'train' split (splits: {', '.join(data)})")
+    if "train" not in data and "test" not in data:
+        raise DataError(f"dataset '{name}' has no 'train' or 'test' split (splits: {', '.join(data)})")
+    # A deployment's server may hold only a test split: it never needs the clients' examples.
+    first = data["train"] if "train" in data else data["test"]
     for column in (text_column, label_column):
-        if column not in data["train"].column_names:
-            raise DataError(f"dataset '{name}' has no column '{column}' (columns: {', '.join(data['train'].column_names)})")
-    feature = data["train"].features[label_column]
-    values = sorted(set(data["train"][label_column]))
+        if column not in first.column_names:
+            raise DataError(f"dataset '{name}' has no column '{column}' (columns: {', '.join(first.column_names)})")
+    feature = first.features[label_column]
+    values = sorted(set(first[label_column]))
     if hasattr(feature, "num_classes"):
         names, to_id = tuple(str(n) for n in feature.names), (lambda v: int(v))
     else:  # arbitrary label values: number them in sorted order
@@ -80,6 +82,9 @@ def _load_hf(name: str, text_column: str, label_column: str):
     def columns(split):
         return [str(t) for t in split[text_column]], np.array([to_id(v) for v in split[label_column]], dtype=np.int64)
 
+    if "train" not in data:
+        test_texts, test_labels = columns(data["test"])
+        return [], np.zeros(0, dtype=np.int64), test_texts, test_labels, names
     train_texts, train_labels = columns(data["train"])
     if "test" in data:
         test_texts, test_labels = columns(data["test"])

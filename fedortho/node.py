@@ -18,7 +18,7 @@ from fedortho.privacy import PrivacyLedger
 
 PRIVACY_KEYS = ("epsilon", "delta", "clip")  # settings a node may pin; it refuses a server asking otherwise
 KNOWN_KEYS = ("partition-id", "num-partitions", *PRIVACY_KEYS, "secure-noise", "privacy-ledger", "data-path",
-              "report-diagnostics")
+              "report-diagnostics", "worker-socket")
 
 
 class NodeConfigError(ValueError):
@@ -34,6 +34,7 @@ class NodeSettings:
     ledger: str = ""
     data_path: str = ""
     report_diagnostics: bool = False
+    worker_socket: str = ""  # a fedortho node-worker that keeps the model and data across messages
 
     @classmethod
     def from_node_config(cls, values: Mapping[str, Any]) -> "NodeSettings":
@@ -66,7 +67,7 @@ class NodeSettings:
         except ConfigError as exc:
             raise NodeConfigError(f"node-config {exc}") from None
         return cls(partition, parts, pins, flags["secure-noise"], str(values.get("privacy-ledger", "")),
-                   str(values.get("data-path", "")), flags["report-diagnostics"])
+                   str(values.get("data-path", "")), flags["report-diagnostics"], str(values.get("worker-socket", "")))
 
     @property
     def owner(self) -> str:
@@ -100,6 +101,12 @@ class NodeSettings:
             raise NodeConfigError(f"num-partitions {self.num_partitions} does not match the run's "
                                   f"clients={cfg.clients}")
         self.check_privacy(cfg)
+        if self.worker_socket:
+            from fedortho.nodeworker import reachable
+
+            if not reachable(self.worker_socket):
+                raise NodeConfigError(f"worker-socket {self.worker_socket}: no node worker is serving it "
+                                      "(start `fedortho node-worker --socket PATH`)")
         ledger = self.privacy_ledger(cfg)
         if ledger is not None:
             with ledger.locked():

@@ -220,7 +220,9 @@ class PrivacyLedger:
                                   f"{key} {value}; refusing to train")
         return history
 
-    def write(self, history: Sequence[Sequence[float]]) -> None:
+    def write(self, history: Sequence[Sequence[float]], epsilon: float | None = None) -> None:
+        """Write ``history``; ``epsilon`` is its spent epsilon if the caller computed it already."""
         entries = [[float(s), float(q), int(n)] for s, q, n in history]
-        record = {**self.binding, "epsilon-spent": spent_epsilon(entries, self.binding["delta"]), "history": entries}
+        spent = spent_epsilon(entries, self.binding["delta"]) if epsilon is None else float(epsilon)
+        record = {**self.binding, "epsilon-spent": spent, "history": entries}
         write_json_atomic(self.path, record)

@@ -57,6 +57,13 @@ def adapter_names(cfg: RunConfig, label_names: tuple[str, ...] | None = None) ->
     return sorted(adapter_state(shared_model(cfg, label_names)))
 
 
+def adapter_names_for(cfg: RunConfig, data_path: str = "") -> list[str]:
+    """``adapter_names`` of a node that trains on its own data folder (or, without one, on
+    the run's dataset)."""
+    label_names = data.load_local(data_path, cfg.text_column, cfg.label_column)[2] if data_path else None
+    return adapter_names(cfg, label_names)
+
+
 @dataclass
 class ClientWork:
     cfg: RunConfig

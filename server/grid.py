@@ -1,8 +1,9 @@
 """A Grid that collects replies as soon as they arrive.
 
-Flower 1.41's deployment Grid pushes a round's messages and then checks for replies every
-3 s, so every round (and node discovery) waits 1.5 s on average after its last reply. This
-wrapper sends through the wrapped Grid and polls its public ``pull_messages`` every 0.1 s.
+Flower 1.41's deployment Grid (``HttpGrid``) pushes a round's messages and then checks for
+replies every 3 s, so every round (and node discovery) waits 1.5 s on average after its last
+reply. This wrapper sends through the wrapped Grid and polls its public ``pull_messages``
+every 0.1 s. (The simulation's ``InMemoryGrid`` already polls every 0.1 s.)
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ class LoRAStrategy(FedAvg):
         self.cfg = cfg
         self.label_names = list(label_names)  # sent to nodes: their own data must label examples alike
         self.refused: dict[int, str] = {}  # nodes that cannot take part, with their reason
+        self.deferred: set[int] = set()  # nodes to ask again: their claim waits, or they did not answer
         self._sent: list[Message] = []  # this round's training messages: replies are matched to them
         self.rng = np.random.default_rng(cfg.seed)
         self.held_version = 0
@@ -73,6 +74,7 @@ class LoRAStrategy(FedAvg):
             logger.info("waiting for clients: %d of %d connected", len(nodes), need)
             time.sleep(1)
         unknown = [n for n in nodes if n not in self.partition_of_node and n not in self.refused]
+        self.deferred = set()
         if not unknown:
             return
         settings = {**self.cfg.to_dict(hyphenated=True), protocol.LABEL_NAMES: self.label_names}
@@ -83,6 +85,7 @@ class LoRAStrategy(FedAvg):
             node = recipient(reply, queries)
             if reply.has_error():
                 logger.warning("client node %d did not describe itself: %s", node, error_line(reply))
+                self.deferred.add(node)
                 continue
             info = reply.content[protocol.INFO]
             if protocol.REFUSED in info:
@@ -102,6 +105,7 @@ class LoRAStrategy(FedAvg):
                     # it is asked again next round, and takes over once the old id has gone.
                     logger.warning("client node %d claims partition %d, still held by node %d; not sampled "
                                    "until that node has gone", node, partition, holder)
+                    self.deferred.add(node)
                     continue
                 del self.partition_of_node[holder]
                 self.held_version_at_node.pop(holder, None)
@@ -110,14 +114,32 @@ class LoRAStrategy(FedAvg):
             self.partition_of_node[node] = partition
 
     def sample(self, grid: Grid) -> list[int]:
-        self._discover(grid)
-        connected = set(grid.get_node_ids())
-        by_partition = {p: n for n, p in self.partition_of_node.items() if n in connected}
+        """``clients-per-round`` nodes, chosen by partition from the seed alone.
+
+        If too few partitions are available because known ones lost their node (a SuperNode
+        that died and may come back) or a node's claim waits for its old node to go, the
+        round waits for them (up to CLIENT_WAIT_SECONDS); if nothing can change that, it
+        fails at once, naming the nodes that refused and why.
+        """
+        deadline = time.time() + CLIENT_WAIT_SECONDS
+        last_note = 0.0
+        while True:
+            self._discover(grid)
+            connected = set(grid.get_node_ids())
+            by_partition = {p: n for n, p in self.partition_of_node.items() if n in connected}
+            if len(by_partition) >= self.cfg.clients_per_round:
+                break
+            gone = set(self.partition_of_node.values()) - set(by_partition)
+            if (not gone and not self.deferred) or time.time() > deadline:
+                reasons = "".join(f"; node {n}: {why}" for n, why in self.refused.items() if n in connected)
+                raise RuntimeError(f"only {len(by_partition)} clients available, {self.cfg.clients_per_round} "
+                                   f"needed{reasons}")
+            if time.time() - last_note > 10:
+                logger.info("waiting for clients: %d of %d needed available (partitions %s have no node)",
+                            len(by_partition), self.cfg.clients_per_round, sorted(gone) or "-")
+                last_note = time.time()
+            time.sleep(5)  # each look asks the undecided nodes again: one ClientApp process each
         partitions = sorted(by_partition)
-        if len(partitions) < self.cfg.clients_per_round:
-            reasons = "".join(f"; node {n}: {why}" for n, why in self.refused.items() if n in connected)
-            raise RuntimeError(f"only {len(partitions)} clients available, {self.cfg.clients_per_round} needed"
-                               f"{reasons}")
         chosen = self.rng.choice(partitions, size=self.cfg.clients_per_round, replace=False)
         return [by_partition[int(p)] for p in sorted(chosen)]
 

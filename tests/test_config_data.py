@@ -68,3 +68,43 @@ def test_hugging_face_dataset_from_local_folder(tmp_path):
         data.splits_for(RunConfig(dataset=str(tmp_path / "ds")))
     with pytest.raises(data.DataError, match="cannot load dataset"):
         data.splits_for(RunConfig(dataset=str(tmp_path / "missing")))
+
+
+def test_an_exported_partition_is_what_the_simulated_client_trains(tmp_path, tiny_model_dir):
+    """A node reading the folder `fedortho export-partition` wrote trains on exactly the
+    tensors the simulated client of that partition trains on, labelled alike."""
+    import torch
+
+    from fedortho import data
+
+    cfg = RunConfig(model=tiny_model_dir, clients=3, clients_per_round=3, max_train_examples=240)
+    folder = tmp_path / "node-1"
+    written = data.export_partition(cfg, 1, 3, str(folder))
+    texts, labels, names = data.load_local(str(folder), cfg.text_column, cfg.label_column)
+    simulated = data.client_dataset(cfg, 1, 3)
+    assert written == len(texts) == len(simulated) > 0
+    assert names == data.splits_for(cfg).label_names
+    local = data.local_dataset(cfg, str(folder))
+    assert all(torch.equal(a, b) for a, b in zip(local.tensors, simulated.tensors))
+    with pytest.raises(data.DataError, match="exists and is not empty"):
+        data.export_partition(cfg, 1, 3, str(folder))
+    with pytest.raises(data.DataError, match="out of range"):
+        data.export_partition(cfg, 3, 3, str(tmp_path / "node-3"))
+
+
+def test_a_server_may_hold_only_the_test_split(tmp_path, tiny_model_dir):
+    import datasets
+
+    from fedortho import data
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["rotten", "fresh"])})
+    test = datasets.Dataset.from_dict({"text": ["bad film", "great film", "fine"], "label": [0, 1, 1]},
+                                      features=features)
+    datasets.DatasetDict({"test": test}).save_to_disk(str(tmp_path / "test-only"))
+    cfg = RunConfig(model=tiny_model_dir, dataset=str(tmp_path / "test-only"), clients=2, clients_per_round=2)
+    splits = data.splits_for(cfg)
+    assert splits.label_names == ("rotten", "fresh") and list(splits.test_labels) == [0, 1, 1]
+    assert len(splits.train_texts) == 0 and len(data.test_tensors(cfg)) == 3
+    with pytest.raises(data.DataError, match="0 training examples"):
+        data.client_indices(cfg, 0, 2)  # a simulation needs the clients' examples; a deployed server does not

@@ -44,14 +44,15 @@ class Deployment:
             raise AssertionError(f"{args[0]} failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
         return proc
 
-    def start_node(self, name: str, partition: int, key: Path, ca: Path | None = None,
-                   check: bool = True) -> subprocess.CompletedProcess:
+    def start_node(self, name: str, partition: int, key: Path, ca: Path | None = None, check: bool = True,
+                   epsilon: float = 6.0, *extra) -> subprocess.CompletedProcess:
         self.nodes.append(name)
         return self.sh(DEPLOY / "supernode.sh", "start", self.root, name, "--superlink", f"127.0.0.1:{self.port}",
                        "--ca", ca or self.root / "certs" / "ca.crt", "--key", key,
                        "--partition", partition, "--partitions", NODES,
                        "--data-path", self.root / "data" / f"node-{partition}",
-                       "--ledger", self.root / "ledgers" / f"node-{partition}.json", "--epsilon", 6.0, check=check)
+                       "--ledger", self.root / "ledgers" / f"node-{partition}.json", "--epsilon", epsilon, *extra,
+                       check=check)
 
     def stop(self) -> None:
         for name in self.nodes:
@@ -80,6 +81,7 @@ def deployment(tmp_path_factory, tiny_model_dir):
         d.sh(DEPLOY / "superlink.sh", "start", root, "--certs", root / "certs", "--port", d.port)
         d.sh(DEPLOY / "connection.sh", "loopback", f"127.0.0.1:{d.port}", "--ca", root / "certs" / "ca.crt")
         (root / "ledgers").mkdir()
+        server_test_split(root / "server-data")
         for i in range(NODES):
             d.sh(DEPLOY / "node-key.sh", root / "keys", f"node-{i}")
             d.sh(BIN / "flwr", "supernode", "register", root / "keys" / f"node-{i}.pub", "loopback")
@@ -90,11 +92,33 @@ def deployment(tmp_path_factory, tiny_model_dir):
         d.stop()
 
 
+def server_test_split(folder: Path) -> None:
+    """The server's data: the embedded dataset's test split alone (it never sees the clients')."""
+    import datasets
+
+    from fedortho import data
+    from fedortho.config import RunConfig
+
+    splits = data.splits_for(RunConfig(max_test_examples=64))
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=list(splits.label_names))})
+    test = datasets.Dataset.from_dict({"text": list(splits.test_texts), "label": splits.test_labels.tolist()},
+                                      features=features)
+    datasets.DatasetDict({"test": test}).save_to_disk(str(folder))
+
+
 def run_settings(d: Deployment, out: Path, **extra) -> str:
-    settings = {"model": f'"{d.model}"', "clients": NODES, "clients-per-round": NODES, "rounds": 3,
+    settings = {"model": f'"{d.model}"', "dataset": f'"{d.root / "server-data"}"', "clients": NODES, "clients-per-round": NODES, "rounds": 3,
                 "local-steps": 2, "batch-size": 16, "max-train-examples": 240, "max-test-examples": 64,
                 "epsilon": 6.0, "out": f'"{out}"', **extra}
     return " ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def command_line(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return []
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -141,6 +165,10 @@ def test_private_fedsvd_survives_a_supernode_restart(deployment):
     keys = d.root / "keys"
     for i in range(NODES):
         d.start_node(f"node-{i}", i, keys / f"node-{i}")
+    # A third node, pinned to another epsilon: dropped at discovery with its own reason.
+    d.sh(DEPLOY / "node-key.sh", keys, "pinned")
+    d.sh(BIN / "flwr", "supernode", "register", keys / "pinned.pub", "loopback")
+    d.start_node("pinned", 1, keys / "pinned", None, True, 3.0, "--no-worker")
     out = d.root / "run"
     flwr = subprocess.Popen([str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream", "--run-config",
                              run_settings(d, out)], cwd=d.root, env=d.env, stdout=subprocess.PIPE,
@@ -148,10 +176,17 @@ def test_private_fedsvd_survives_a_supernode_restart(deployment):
     try:
         metrics = out / "metrics.jsonl"
         wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 240, "round 1")
-        # Partition 0's SuperNode dies after round 1 and comes back (a new node id, no Flower state).
-        d.sh(DEPLOY / "supernode.sh", "stop", d.root, "node-0")
+        # Partition 0's SuperNode crashes after round 1 (SIGKILL: no goodbye to the SuperLink, its
+        # Flower state lost) and is started again at once. The SuperLink keeps the crashed
+        # session open until its heartbeats are missed; the restarted node retries until then.
+        keeper = psutil.Process(int((d.root / "node-0.pid").read_text()))  # supernode.sh's restart loop
+        supernode = [p for p in keeper.children(recursive=True) if "flower-supernode" in " ".join(command_line(p))]
+        assert len(supernode) == 1
+        supernode[0].kill()
+        _, alive = psutil.wait_procs([keeper], timeout=10)  # a crash is not retried: the loop ends too
+        assert not alive
         d.start_node("node-0", 0, keys / "node-0")
-        output, _ = flwr.communicate(timeout=420)
+        output, _ = flwr.communicate(timeout=480)
     finally:
         if flwr.poll() is None:
             flwr.kill()
@@ -167,6 +202,8 @@ def test_private_fedsvd_survives_a_supernode_restart(deployment):
     failed = [r["round"] for r in rows if r.get("clients-failed")]
     assert failed and all(r["clients-replied"] >= 1 for r in rows[1:])
     assert "client 0 failed" in output and "client 1 failed" not in output, output[-3000:]
+    assert re.search(r"client node \d+ cannot take part: the server asks for epsilon=6.0 but this node is pinned "
+                     r"to epsilon=3", output), output[-3000:]
 
     # Each node's ledger holds the DP steps it trained (at each noise multiplier and sample
     # rate): every round the server saw, and at most one more (a node killed after writing its

@@ -297,16 +297,16 @@ def test_kept_momentum_stays_in_step_with_a_after_a_failed_round(tiny_cfg, monke
     """Client 0 receives a new A in round 2 and then fails before training. Its kept momentum
     is still in the coordinates of the A it last trained with, and must be rotated from that
     one in round 3: FedSVD then still follows FFA-LoRA, which sees the same failure."""
-    import client.app as client_app_module
+    from fedortho.nodeworker import InProcess
 
-    real_round = client_app_module.run_client_round
+    real_train = InProcess.train
 
-    def fail_once(work):
+    def fail_once(self, work, plan=None):
         if work.partition_id == 0 and work.server_round == 2:
             raise RuntimeError("simulated crash of client 0")
-        return real_round(work)
+        return real_train(self, work, plan)
 
-    monkeypatch.setattr(client_app_module, "run_client_round", fail_once)
+    monkeypatch.setattr(InProcess, "train", fail_once)
     ffa, svd, _, _ = _ffa_and_fedsvd_with_kept_muon(tiny_cfg)
     _assert_same_products(svd, ffa)
 
