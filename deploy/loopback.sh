@@ -42,6 +42,10 @@ else
     "$here/superlink.sh" start "$dir" --certs "$dir/certs" --port "$port"
     "$here/connection.sh" loopback "127.0.0.1:$port" --ca "$dir/certs/ca.crt"
 fi
+# The nodes share this machine's cores, as simulated clients share them under Ray: each gets
+# its share of torch threads rather than all of them (which would oversubscribe the cores).
+cores=$(nproc 2>/dev/null || echo 1)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / nodes > 0 ? cores / nodes : 1 ))}
 export_args=()  # the run's data settings shape the partitions, as they would in a simulation
 for kv in "${overrides[@]:-}"; do
     case ${kv%%=*} in

@@ -41,7 +41,8 @@ while [[ $# -gt 0 ]]; do
         --partitions) partitions=$2; shift 2 ;;
         --data-path) [[ -d $2 ]] || die "data folder $2 does not exist"
                      config+=("data-path=\"$(cd "$2" && pwd)\""); shift 2 ;;
-        --ledger) config+=("privacy-ledger=\"$(cd "$(dirname "$2")" && pwd)/$(basename "$2")\""); shift 2 ;;
+        --ledger) mkdir -p "$(dirname "$2")"
+                  config+=("privacy-ledger=\"$(cd "$(dirname "$2")" && pwd)/$(basename "$2")\""); shift 2 ;;
         --epsilon|--delta|--clip) config+=("${1#--}=$2"); shift 2 ;;
         --secure-noise) config+=("secure-noise=true"); shift ;;
         --report-diagnostics) config+=("report-diagnostics=true"); shift ;;
