@@ -8,6 +8,8 @@ import signal
 import sys
 from dataclasses import MISSING, fields
 
+import torch
+
 from fedortho.config import ConfigError, RunConfig
 from fedortho.data import DataError
 from fedortho.models import ModelLoadError
@@ -42,11 +44,12 @@ def preflight(cfg: RunConfig) -> None:
     from fedortho import data
     from fedortho.models import check_model, load_tokenizer
 
-    if cfg.out and (Path(cfg.out) / "metrics.jsonl").exists():
-        raise ConfigError(f"run folder {cfg.out} already holds a run; choose another --out")
+    if cfg.out:
+        check_out_folder(Path(cfg.out), create=False)
     check_model(cfg.model, cfg.pooling)
     load_tokenizer(cfg.model)
     splits = data.splits_for(cfg)  # cached: the server reuses it
+    check_lora_rank(cfg)
     if cfg.head_init == "zero-shot" or cfg.label_texts:
         from fedortho.heads import label_texts
 
@@ -60,6 +63,44 @@ def preflight(cfg: RunConfig) -> None:
             privacy.check_plannable(cfg.epsilon, cfg.delta, privacy.sample_rate(smallest, cfg.batch_size), steps)
         except privacy.BudgetTooSmall as exc:
             raise ConfigError(str(exc)) from None
+    if cfg.out:  # last: a run that fails its other checks leaves no folder behind
+        check_out_folder(Path(cfg.out), create=True)
+
+
+def check_out_folder(out, create: bool) -> None:
+    """``--out`` must be absent or empty (a run never writes into another's files) and, with
+    ``create``, writable: it is made, and a file is written in it and removed."""
+    import tempfile
+
+    if (out / "metrics.jsonl").exists():
+        raise ConfigError(f"run folder {out} already holds a run; choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} is not an empty folder; give a new or empty one")
+    if not create:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+
+
+def check_lora_rank(cfg: RunConfig) -> None:
+    """Every LoRA target must be a linear layer with both sides at least ``lora-r``."""
+    from fedortho import data
+    from fedortho.models import load_classifier
+
+    model = load_classifier(cfg.model, max(2, data.splits_for(cfg).num_labels), cfg.seed, cfg.pooling)
+    found = False
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in cfg.targets and isinstance(module, torch.nn.Linear):
+            found = True
+            if cfg.lora_r > min(module.in_features, module.out_features):
+                raise ConfigError(f"lora-r {cfg.lora_r} exceeds {name} ({module.out_features}x{module.in_features}); "
+                                  f"the rank can be at most {min(module.in_features, module.out_features)}")
+    if not found:
+        raise ConfigError(f"lora-targets {cfg.lora_targets} names no linear layer of {cfg.model}")
 
 
 def _stop_cleanly_on_signals() -> None:

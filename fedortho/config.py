@@ -166,7 +166,15 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if isinstance(value, str) and not math.isfinite(number) and value.strip() not in ("inf", "-inf"):
+                # "1e309", "Infinity", "INF" or "nan" must not quietly become epsilon=inf (no DP)
+                what = "is not a number" if math.isnan(number) else "is infinite"
+                raise ConfigError(f"setting '{key}' {what} ({value!r}): only the literal inf means infinity "
+                                  "(epsilon=inf: no DP)")
+            return number
         return str(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"setting '{key}' expects {kind.__name__}, got {value!r}") from None

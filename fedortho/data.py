@@ -59,6 +59,10 @@ def _load_hf(name: str, text_column: str, label_column: str):
 
     try:
         data = datasets.load_from_disk(name) if os.path.isdir(name) else datasets.load_dataset(name)
+    except IndexError as exc:
+        if os.path.isdir(name):  # what `datasets` raises for a saved split without rows
+            raise DataError(f"dataset '{name}' holds no examples") from exc
+        raise DataError(f"cannot load dataset '{name}': {exc}") from exc
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DataError(f"cannot load dataset '{name}': {first}") from exc
@@ -80,6 +84,10 @@ def _load_hf(name: str, text_column: str, label_column: str):
         names, to_id = tuple(str(v) for v in values), lookup.__getitem__
 
     def columns(split):
+        unknown = sorted({v for v in split[label_column]} - set(values), key=str) if not hasattr(feature, "num_classes") else []
+        if unknown:
+            raise DataError(f"dataset '{name}' has label {unknown[0]!r} in a split that its training split lacks "
+                            f"(training labels: {', '.join(map(str, values))})")
         return [str(t) for t in split[text_column]], np.array([to_id(v) for v in split[label_column]], dtype=np.int64)
 
     if "train" not in data:
@@ -117,10 +125,13 @@ def load_splits(dataset: str, text_column: str, label_column: str, test_fraction
         texts, labels, test_texts, test_labels, names = _load_embedded()
     else:
         texts, labels, test_texts, test_labels, names = _load_hf(dataset, text_column, label_column)
+    if len(texts) == 0 and not test_texts:
+        raise DataError(f"dataset '{dataset}' holds no examples")
     if test_texts is None:
         train_idx, test_idx = stratified_split(labels, test_fraction, SPLIT_SEED)
         test_texts, test_labels = [texts[i] for i in test_idx], labels[test_idx]
         texts, labels = [texts[i] for i in train_idx], labels[train_idx]
+    _check_labels(dataset, labels, test_labels, names)
     keep_train = _cap(np.arange(len(texts)), max_train, SPLIT_SEED)
     keep_test = _cap(np.arange(len(test_texts)), max_test, SPLIT_SEED + 1)
     return TextSplits(
@@ -128,6 +139,22 @@ def load_splits(dataset: str, text_column: str, label_column: str, test_fraction
         test_texts=tuple(test_texts[i] for i in keep_test), test_labels=test_labels[keep_test],
         num_labels=len(names), label_names=names,
     )
+
+
+def _check_labels(dataset: str, train: np.ndarray, test: np.ndarray, names: tuple[str, ...]) -> None:
+    """A classifier needs examples, two labels, and a test split whose labels training has seen.
+    (A server's test-only dataset has no training split to check against.)"""
+    if len(train) == 0 and len(test) == 0:
+        raise DataError(f"dataset '{dataset}' holds no examples")
+    if len(train) == 0:
+        return
+    present = np.unique(train)
+    if len(present) < 2:
+        raise DataError(f"dataset '{dataset}' has a single label ({names[int(present[0])]!r}) in its training "
+                        "split; a classifier needs at least two")
+    missing = sorted(set(np.unique(test).tolist()) - set(present.tolist()))
+    if missing:
+        raise DataError(f"dataset '{dataset}' has test label {names[missing[0]]!r}, which its training split lacks")
 
 
 def splits_for(cfg: RunConfig) -> TextSplits:

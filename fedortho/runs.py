@@ -128,6 +128,8 @@ class RunRecorder:
         self.cfg, self.out, self.echo = cfg, Path(out), echo
         if (self.out / "metrics.jsonl").exists():
             raise FileExistsError(f"run folder {self.out} already holds a run; choose another --out")
+        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+            raise FileExistsError(f"run folder {self.out} is not empty; a run writes only into a new or empty folder")
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()

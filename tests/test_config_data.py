@@ -108,3 +108,40 @@ def test_a_server_may_hold_only_the_test_split(tmp_path, tiny_model_dir):
     assert len(splits.train_texts) == 0 and len(data.test_tensors(cfg)) == 3
     with pytest.raises(data.DataError, match="0 training examples"):
         data.client_indices(cfg, 0, 2)  # a simulation needs the clients' examples; a deployed server does not
+
+
+@pytest.mark.parametrize("text", ["1e309", "Infinity", "INF", "-1e400", "nan"])
+def test_only_the_literal_inf_means_no_dp(text):
+    with pytest.raises(ConfigError, match=r"setting 'epsilon' is (infinite|not a number) .*only the literal inf"):
+        RunConfig.from_mapping({"epsilon": text})
+    assert not RunConfig.from_mapping({"epsilon": "inf"}).private
+    assert RunConfig.from_mapping({"epsilon": "6"}).epsilon == 6.0
+
+
+def _save(tmp_path, train, test=None, name="ds"):
+    import datasets
+
+    splits = {"train": datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(len(train))], "label": train})}
+    if test is not None:
+        splits["test"] = datasets.Dataset.from_dict({"text": [f"s{i}" for i in range(len(test))], "label": test})
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / name))
+    return str(tmp_path / name)
+
+
+def test_datasets_need_two_labels_and_test_labels_seen_in_training(tmp_path):
+    one_class = _save(tmp_path, ["pos"] * 20, name="one")
+    with pytest.raises(data.DataError, match=r"has a single label \('pos'\) in its training split"):
+        data.load_splits(one_class, "text", "label", 0.2, 0, 0)
+    unseen = _save(tmp_path, ["pos", "neg"] * 10, ["pos", "neutral"], name="unseen")
+    with pytest.raises(data.DataError, match=r"has label 'neutral' in a split that its training split lacks"):
+        data.load_splits(unseen, "text", "label", 0.2, 0, 0)
+    empty = _save(tmp_path, [], name="empty")
+    with pytest.raises(data.DataError, match="holds no examples"):
+        data.load_splits(empty, "text", "label", 0.2, 0, 0)
+
+
+def test_a_missing_model_folder_is_named_as_such(tmp_path):
+    from fedortho.models import ModelLoadError, check_model
+
+    with pytest.raises(ModelLoadError, match=f"model folder {tmp_path}/none does not exist"):
+        check_model(str(tmp_path / "none"), "mean")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -112,6 +113,43 @@ def test_missing_dataset_and_used_run_folder_fail_before_ray_starts(tmp_path, fi
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
     assert (out / "metrics.jsonl").read_text() == before  # nothing already computed is lost
+
+
+@pytest.mark.parametrize("case, message", [
+    ("non-empty out", r"--out \S+ is not an empty folder"),
+    ("unwritable out", "cannot write to --out"),
+    ("rank too large", r"lora-r 10000 exceeds bert\.encoder\.layer\.0\.attention\.self\.query \(\d+x\d+\)"),
+    ("no such target", "lora-targets nothing names no linear layer"),
+    ("epsilon overflow", r"setting 'epsilon' is infinite \('1e309'\)"),
+])
+def test_bad_inputs_fail_in_one_line_before_ray_starts(tmp_path, tiny_model_dir, hf_dataset_dir, case, message):
+    out = tmp_path / "out"
+    extra = []
+    if case == "non-empty out":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "unwritable out":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        out = blocker / "run"  # a folder under a file cannot be made
+    elif case == "rank too large":
+        extra = ["--lora-r", "10000"]
+    elif case == "no such target":
+        extra = ["--lora-targets", "nothing"]
+    else:
+        extra = ["--epsilon", "1e309"]
+    proc = subprocess.run([sys.executable, "-m", "fedortho.cli", "simulate", "--model", tiny_model_dir,
+                           "--dataset", hf_dataset_dir, "--partitioning", "iid", "--clients", "3",
+                           "--clients-per-round", "3", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), proc.stderr[-2000:]
+    assert "Ray" not in proc.stdout + proc.stderr
+    if case == "non-empty out":
+        assert [f.name for f in out.iterdir()] == ["notes.txt"]  # left as it was
+    elif case != "unwritable out":
+        assert not out.exists()
 
 
 def test_ctrl_c_stops_ray_and_keeps_finished_rounds(tmp_path, tiny_model_dir, hf_dataset_dir):
