@@ -171,7 +171,8 @@ class RunRecorder:
             "final-accuracy": last.get("test-accuracy"), "final-loss": last.get("test-loss"),
             "final-round": last.get("round"),
             "best-accuracy": max((r["test-accuracy"] for r in evaluated), default=None),
-            "epsilon-spent": max((r["epsilon"] for r in trained if r.get("epsilon") is not None), default=0.0),
+            "epsilon-spent": max((r["epsilon"] for r in trained if r.get("epsilon") is not None),
+                                 default=0.0 if self.cfg.private else math.inf),
             "wall-seconds": round(time.time() - self.started, 2), **diagnostics_summary(trained),
             "empty-rounds": empty, **(extra or {}),
         }

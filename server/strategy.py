@@ -221,7 +221,8 @@ class LoRAStrategy(FedAvg):
         metrics = {
             "clients-replied": len(accepted), "clients-failed": failed, "clients-exhausted": exhausted,
             # cumulative: the largest epsilon any client has spent so far
-            "epsilon-max": max(self.epsilon_of_partition.values(), default=0.0),
+            # (before any client has reported: nothing spent, or without DP no guarantee at all)
+            "epsilon-max": max(self.epsilon_of_partition.values(), default=0.0 if self.cfg.private else math.inf),
         }
         if losses:  # private clients do not report their training loss
             metrics["train-loss"] = sum(l * w for l, w in losses) / sum(w for _, w in losses)

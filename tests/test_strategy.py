@@ -520,3 +520,19 @@ def test_a_client_sends_only_what_the_protocol_names(tiny_cfg, epsilon, opted_in
         sent = set(reply.content[protocol.METRICS].keys())
         assert sent <= allowed, sent - allowed
         assert (set(protocol.DIAGNOSTIC_METRICS) - {"head-grad-norm"} <= sent) == opted_in
+
+
+@pytest.mark.parametrize("epsilon", [6.0, math.inf])
+def test_a_run_whose_every_client_fails_is_not_complete(tiny_cfg, tmp_path, monkeypatch, epsilon):
+    """No usable update in any round: the run says so, and a run without DP never reports
+    epsilon 0 (it has no privacy guarantee at all)."""
+    from fedortho.nodeworker import InProcess
+    from server.app import run_federation
+
+    def crash(self, work, plan=None):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(InProcess, "train", crash)
+    summary = run_federation(LocalGrid(3), tiny_cfg.replace(rounds=2, epsilon=epsilon, out=str(tmp_path / "run")))
+    assert summary["completed"] is False and summary["empty-rounds"] == 2
+    assert summary["epsilon-spent"] == (0.0 if epsilon == 6.0 else math.inf)
