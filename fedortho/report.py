@@ -76,6 +76,10 @@ def _read_cell(folder: Path) -> tuple[dict, dict, list[dict]]:
     curve = [json.loads(line) for line in (folder / RUN / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if not isinstance(values, dict) or not all(isinstance(row, dict) for row in curve):
         raise ValueError("unexpected layout")
+    rounds = [row.get("round") for row in curve]
+    if rounds != list(range(len(rounds))):  # e.g. two writers appended to one folder
+        shown = ", ".join(map(str, rounds[:12])) + (", ..." if len(rounds) > 12 else "")
+        raise ValueError(f"metrics.jsonl is not one row per round from 0 (rounds {shown})")
     return values, summary, curve
 
 

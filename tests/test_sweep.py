@@ -192,10 +192,15 @@ def test_a_damaged_cell_is_left_out_of_the_report_with_its_reason(tmp_path):
     (sweep.out / "epsilon-3_seed-1" / "run" / "summary.json").write_text('{"final-accuracy": ')
     metrics = sweep.out / "epsilon-6_seed-0" / "run" / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + "\n\n")  # blank lines are not damage
+    # Two writers in one folder: rows 0, 1 of one run and 0, 1 of another, appended.
+    mixed = sweep.out / "epsilon-inf_seed-0" / "run" / "metrics.jsonl"
+    mixed.write_text(mixed.read_text() + "\n" + mixed.read_text())
     text = report(sweep.out, echo=lambda _: None)
     assert "| 3 | 1 | 0.5000 ± 0.0000 |" in text  # seed 0 only
     assert "| 6 | 2 |" in text
-    assert "Left out, unreadable:\n\n- epsilon-3_seed-1: JSONDecodeError" in text
+    assert "| inf | 1 |" in text  # seed 1 only
+    assert "- epsilon-3_seed-1: JSONDecodeError" in text
+    assert "- epsilon-inf_seed-0: ValueError: metrics.jsonl is not one row per round from 0 (rounds 0, 1, 0, 1)" in text
 
 
 def test_cells_of_an_earlier_grid_are_kept_out_of_the_report(tmp_path):
