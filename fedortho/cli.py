@@ -72,9 +72,13 @@ def check_out_folder(out, create: bool) -> None:
     ``create``, writable: it is made, and a file is written in it and removed."""
     import tempfile
 
+    from fedortho.runs import folder_in_use, holds_files
+
+    if folder_in_use(out):
+        raise ConfigError(f"run folder {out} is being written by another run; choose another --out")
     if (out / "metrics.jsonl").exists():
         raise ConfigError(f"run folder {out} already holds a run; choose another --out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if holds_files(out):
         raise ConfigError(f"--out {out} is not an empty folder; give a new or empty one")
     if not create:
         return

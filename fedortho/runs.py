@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -113,6 +114,25 @@ def _text(value: float | None, digits: int) -> str:
 
 
 _ACTIVE: list["RunRecorder"] = []
+LOCK = ".lock"  # held (flock) by the run writing the folder, for as long as it writes
+
+
+def folder_in_use(out: Path) -> bool:
+    """Whether a live run, in this process or another, holds ``out``'s lock."""
+    if not (Path(out) / LOCK).exists():
+        return False
+    with open(Path(out) / LOCK, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def holds_files(out: Path) -> bool:
+    """Whether ``out`` holds anything but a lock file (a folder a new run may not write into)."""
+    return Path(out).exists() and (not Path(out).is_dir() or any(p.name != LOCK for p in Path(out).iterdir()))
 
 
 def finish_interrupted_runs() -> None:
@@ -126,11 +146,18 @@ class RunRecorder:
 
     def __init__(self, cfg: RunConfig, out: Path, echo: bool = True, provenance: dict[str, Any] | None = None) -> None:
         self.cfg, self.out, self.echo = cfg, Path(out), echo
-        if (self.out / "metrics.jsonl").exists():
-            raise FileExistsError(f"run folder {self.out} already holds a run; choose another --out")
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
-            raise FileExistsError(f"run folder {self.out} is not empty; a run writes only into a new or empty folder")
         self.out.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.out / LOCK, "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise FileExistsError(f"run folder {self.out} is being written by another run; choose another --out") \
+                from None
+        if (self.out / "metrics.jsonl").exists() or holds_files(self.out):
+            self._release()
+            raise FileExistsError(f"run folder {self.out} already holds files; a run writes only into a new or "
+                                  "empty folder")
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()
         # provenance: what identifies the code and the run under Flower's runtime (run id, app hash)
@@ -159,6 +186,11 @@ class RunRecorder:
             for row in rows:
                 fh.write(json.dumps(json_safe({"round": server_round, **row})) + "\n")
 
+    def _release(self) -> None:
+        if not self._lock.closed:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         if self in _ACTIVE:
             _ACTIVE.remove(self)
@@ -180,6 +212,7 @@ class RunRecorder:
             summary["completed"] = False
         (self.out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
         self.plot()
+        self._release()
         return summary
 
     def plot(self) -> Path:

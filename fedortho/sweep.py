@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedortho.config import ConfigError, RunConfig
-from fedortho.runs import write_json_atomic
+from fedortho.runs import folder_in_use, write_json_atomic
 
 STATUS = "status.json"
 RUN = "run"
@@ -237,6 +237,9 @@ def run_sweep(sweep: Sweep, parallel: int = 1, run_cell: Callable[[Cell, Path], 
 
     def attempt(cell: Cell) -> None:
         folder = sweep.out / cell.name
+        if folder_in_use(folder / RUN):  # e.g. the child of a killed sweep, still running
+            raise RuntimeError(f"cell {cell.name}: its run folder is still being written by another process; "
+                               "stop that process, then run the sweep again")
         if folder.exists():
             shutil.rmtree(folder)  # an unfinished or failed attempt: it holds nothing finished
         folder.mkdir(parents=True)

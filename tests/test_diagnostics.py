@@ -161,3 +161,19 @@ def test_a_rejected_update_leaves_no_privacy_record(tiny_cfg, monkeypatch):
     strategy, _, rounds = start(tiny_cfg.replace(rounds=1, epsilon=6.0), LocalGrid(3, corrupt_node=101))
     assert rounds[0]["clients-failed"] == 1
     assert [c["partition"] for c in strategy.last_clients] == [0, 2]  # partition 1 sent NaNs
+
+
+def test_two_runs_cannot_write_one_folder(tiny_cfg, tmp_path):
+    from fedortho.runs import RunRecorder, folder_in_use
+
+    out = tmp_path / "run"
+    first = RunRecorder(tiny_cfg, out, echo=False)
+    assert folder_in_use(out)
+    with pytest.raises(FileExistsError, match="is being written by another run"):
+        RunRecorder(tiny_cfg, out, echo=False)
+    first.record({"round": 0, "test-accuracy": 0.5})
+    first.finish({"completed": True})
+    assert not folder_in_use(out)
+    with pytest.raises(FileExistsError, match="already holds files"):
+        RunRecorder(tiny_cfg, out, echo=False)  # finished: still not a folder to write into
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0]

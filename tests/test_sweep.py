@@ -299,3 +299,22 @@ def test_many_groups_are_plotted_in_one_panel_per_value_of_the_first_varying_key
     assert [title for title, _, _ in panels] == ["privacy=a", "privacy=b", "privacy=c"]
     assert all(len(members) == 3 and "privacy" not in shown for _, members, shown in panels)
     assert _panels(groups[:3]) == [("", groups[:3], ["seed", "privacy", "rule"])]  # few lines: one panel
+
+
+def test_a_cell_still_being_written_is_neither_deleted_nor_rerun(tmp_path):
+    """The child of a killed sweep may still write its cell: a restarted sweep leaves that
+    folder alone and says why."""
+    import fcntl
+
+    sweep = small_sweep(tmp_path)
+    busy = sweep.out / "epsilon-3_seed-0" / "run"
+    busy.mkdir(parents=True)
+    (busy / "metrics.jsonl").write_text('{"round": 0}\n')
+    messages = []
+    with open(busy / ".lock", "a") as held:  # as a live run holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        counts = run_sweep(sweep, run_cell=fake_cell, echo=messages.append)
+    assert counts["failed"] == 1 and counts["ran"] == 5
+    assert (busy / "metrics.jsonl").read_text() == '{"round": 0}\n'  # untouched
+    assert any("epsilon-3_seed-0 failed: cell epsilon-3_seed-0: its run folder is still being written" in m
+               for m in messages)
