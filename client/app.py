@@ -56,9 +56,14 @@ def _node(context: Context) -> NodeSettings:
     return NodeSettings.from_node_config(context.node_config)
 
 
-def _config(msg: Message, node: NodeSettings, context: Context) -> RunConfig:
+def _run_config(msg: Message) -> RunConfig:
+    """The run's settings from a message (without the per-round keys that travel beside them)."""
     values = {k: v for k, v in msg.content[protocol.CONFIG].items() if k not in protocol.PER_ROUND_KEYS}
-    cfg = RunConfig.from_mapping(values)
+    return RunConfig.from_mapping(values)
+
+
+def _config(msg: Message, node: NodeSettings, context: Context) -> RunConfig:
+    cfg = _run_config(msg)
     node.check_privacy(cfg)
     if STATE_PRIVACY in context.state:  # the budget may not change once spending has begun
         p = context.state[STATE_PRIVACY]
@@ -150,8 +155,7 @@ def describe(msg: Message, context: Context) -> Message:
     """Say which partition this node trains, or why it cannot take part in this run."""
     try:
         node = _node(context)
-        values = {k: v for k, v in msg.content[protocol.CONFIG].items() if k not in protocol.PER_ROUND_KEYS}
-        node.check(RunConfig.from_mapping(values), _run_label_names(msg))
+        node.check(_run_config(msg), _run_label_names(msg))
         info = {"partition-id": node.partition_id, "num-partitions": node.num_partitions}
     except (NodeConfigError, LedgerError, ConfigError) as exc:
         info = {protocol.REFUSED: str(exc)}
@@ -192,8 +196,9 @@ def train(msg: Message, context: Context) -> Message:
                                     protocol.HELD_VERSION: version})
             return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
         if ledger is not None:
-            # before anything trained on the data leaves the node
-            ledger.write(result.history, backend.spent_epsilon(result.history, cfg.delta))
+            # before anything trained on the data leaves the node; result.epsilon is the epsilon
+            # of result.history (a ledger exists only under DP)
+            ledger.write(result.history, result.epsilon)
 
     if cfg.optimizer_state == "keep":
         tensors, scalars = result.optimizer_state

@@ -142,10 +142,9 @@ def load_splits(dataset: str, text_column: str, label_column: str, test_fraction
 
 
 def _check_labels(dataset: str, train: np.ndarray, test: np.ndarray, names: tuple[str, ...]) -> None:
-    """A classifier needs examples, two labels, and a test split whose labels training has seen.
-    (A server's test-only dataset has no training split to check against.)"""
-    if len(train) == 0 and len(test) == 0:
-        raise DataError(f"dataset '{dataset}' holds no examples")
+    """A classifier needs two labels, and a test split whose labels training has seen. (A
+    server's test-only dataset has no training split to check against; ``load_splits`` has
+    already refused a dataset without examples.)"""
     if len(train) == 0:
         return
     present = np.unique(train)
