@@ -30,6 +30,7 @@ from flwr.clientapp import ClientApp
 
 from fedortho import protocol
 from fedortho.config import ConfigError, RunConfig
+from fedortho.faults import maybe_fail
 from fedortho.node import NodeConfigError, NodeSettings
 from fedortho.optim.rotation import rotate_saved_state
 from fedortho.nodeworker import InProcess, NodeWorkerClient
@@ -167,12 +168,32 @@ def _run_label_names(msg: Message) -> tuple[str, ...] | None:
     return None if names is None else tuple(str(n) for n in names)
 
 
+def _restore_travelling_state(msg: Message, context: Context) -> None:
+    """Make the state that came with the message this client's whole state (simulation)."""
+    for key in list(context.state.keys()):
+        del context.state[key]
+    for key, record in msg.content.items():
+        if key.startswith(protocol.STATE_PREFIX):
+            context.state[key.removeprefix(protocol.STATE_PREFIX)] = record
+
+
+def _travelling_state(context: Context) -> dict:
+    """The records of this client's state that go back with its reply (the held tensors do not:
+    the server sends them every round when the state travels)."""
+    return {protocol.STATE_PREFIX + key: record for key, record in context.state.items()
+            if key not in (STATE_HELD, STATE_HELD_META)}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     node = _node(context)
+    round_config = msg.content[protocol.CONFIG]
+    travels = bool(round_config.get(protocol.STATE_TRAVELS, False))
+    if travels:
+        _restore_travelling_state(msg, context)
     cfg = _config(msg, node, context)
     partition_id, num_partitions = node.partition_id, node.num_partitions
-    round_config = msg.content[protocol.CONFIG]
+    maybe_fail(cfg.seed, int(round_config[protocol.SERVER_ROUND]), partition_id, cfg.fail_rate)
     version = int(round_config[protocol.HELD_VERSION])
     received = msg.content[protocol.ARRAYS].to_torch_state_dict()
     backend = _backend(node)
@@ -230,5 +251,6 @@ def train(msg: Message, context: Context) -> Message:
         # it would spend privacy no accountant counts, so only non-private runs report it.
         metrics["train-loss"] = result.train_loss
     metrics = MetricRecord(metrics)
-    return Message(RecordDict({protocol.ARRAYS: ArrayRecord(result.update), protocol.METRICS: metrics}),
+    state = _travelling_state(context) if travels else {}
+    return Message(RecordDict({protocol.ARRAYS: ArrayRecord(result.update), protocol.METRICS: metrics, **state}),
                    reply_to=msg)

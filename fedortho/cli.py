@@ -10,10 +10,12 @@ from dataclasses import MISSING, fields
 
 import torch
 
+from fedortho.checkpoint import CheckpointError
 from fedortho.config import ConfigError, RunConfig
 from fedortho.data import DataError
 from fedortho.models import ModelLoadError
 from fedortho.nodeworker import NodeWorkerError
+from fedortho.runs import RunStopped
 
 
 DATA_SETTINGS = ("dataset", "text_column", "label_column", "test_fraction", "partitioning", "dirichlet_alpha",
@@ -37,14 +39,14 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_mapping(given)
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, resuming: bool = False) -> None:
     """Fail fast, before Ray starts, on a run folder in use or a model/dataset that won't load."""
     from pathlib import Path
 
     from fedortho import data
     from fedortho.models import check_model, load_tokenizer
 
-    if cfg.out:
+    if cfg.out and not resuming:
         check_out_folder(Path(cfg.out), create=False)
     check_model(cfg.model, cfg.pooling)
     load_tokenizer(cfg.model)
@@ -63,8 +65,37 @@ def preflight(cfg: RunConfig) -> None:
             privacy.check_plannable(cfg.epsilon, cfg.delta, privacy.sample_rate(smallest, cfg.batch_size), steps)
         except privacy.BudgetTooSmall as exc:
             raise ConfigError(str(exc)) from None
-    if cfg.out:  # last: a run that fails its other checks leaves no folder behind
+    if cfg.out and not resuming:  # last: a run that fails its other checks leaves no folder behind
         check_out_folder(Path(cfg.out), create=True)
+
+
+def resume_config(run_dir: str, args: argparse.Namespace) -> RunConfig:
+    """The settings of the run in ``run_dir``, checked against its checkpoint (which is read,
+    never changed, here): a run resumes only as it was configured."""
+    import json
+    from pathlib import Path
+
+    from fedortho.checkpoint import check_resumable, load_checkpoint
+    from fedortho.runs import folder_in_use
+
+    given = [f.name.replace("_", "-") for f in fields(RunConfig) if getattr(args, f.name, None) is not None]
+    if given:
+        raise ConfigError(f"--resume continues a run with the settings in its config.json; drop --{given[0]}")
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"--resume {run_dir}: no such run folder")
+    if folder_in_use(folder):
+        raise ConfigError(f"run folder {folder} is being written by another run")
+    try:
+        settings = json.loads((folder / "config.json").read_text())["config"]
+        cfg = RunConfig.from_mapping({**settings, "out": str(folder)})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--resume {run_dir}: its config.json cannot be read ({exc})") from None
+    try:
+        check_resumable(load_checkpoint(folder), cfg)
+    except CheckpointError as exc:  # the folder is left as it is
+        raise CheckpointError(f"--resume {run_dir}: {exc}") from None
+    return cfg
 
 
 def check_out_folder(out, create: bool) -> None:
@@ -111,13 +142,18 @@ def _stop_cleanly_on_signals() -> None:
     """Ctrl-C or SIGTERM: stop Ray's processes and exit. Finished rounds are already on disk."""
 
     def stop(signum, frame):  # noqa: ARG001
-        print("fedortho: interrupted; finished rounds are in the run folder", file=sys.stderr, flush=True)
-        try:
-            from fedortho.runs import finish_interrupted_runs
+        from fedortho.runs import finish_interrupted_runs
 
-            finish_interrupted_runs()
+        try:
+            folders = finish_interrupted_runs()
+            hint = "".join(f"; continue with `fedortho simulate --resume {f}`" for f in folders)
+            print(f"fedortho: interrupted; finished rounds are saved{hint}", file=sys.stderr, flush=True)
         except Exception as exc:  # still stop Ray below
-            print(f"fedortho: could not write the run summary: {exc}", file=sys.stderr, flush=True)
+            print(f"fedortho: interrupted; could not write the run summary: {exc}", file=sys.stderr, flush=True)
+        # That line is the last: what Ray and Flower print while their workers go is not for the user.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
         try:
             import ray
 
@@ -139,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                           "(default: 1)")
     sim.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (default: start one)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own log lines")
+    sim.add_argument("--resume", metavar="RUN_DIR", default=None,
+                     help="continue the run in RUN_DIR after its last complete round, with its own settings; it "
+                          "ends as the uninterrupted run would")
     sub.add_parser("config", help="print the default run config as TOML ([tool.flwr.app.config])")
     sw = sub.add_parser("sweep", help="run a grid of simulations from a TOML file, resumably")
     sw.add_argument("file", help="sweep file, e.g. experiments/privacy.toml")
@@ -186,20 +225,26 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in RunConfig().to_dict(hyphenated=True).items():
                 print(f"{key} = {_toml(value)}")
             return 0
-        cfg = _config_from_args(args)
-        preflight(cfg)
+        resuming = bool(args.resume)
+        cfg = resume_config(args.resume, args) if resuming else _config_from_args(args)
+        preflight(cfg, resuming)
         from server.simulation import simulate  # the Flower side launches the apps
 
+        from fedortho.guardian import guard_this_process
+
+        guard_this_process()  # Ray's processes end with this one, even if it is killed with SIGKILL
         _stop_cleanly_on_signals()
-        simulate(cfg, args.client_cpus, args.ray_address, args.verbose)
+        simulate(cfg, args.client_cpus, args.ray_address, args.verbose, resume=resuming,
+                 on_ray_started=_stop_cleanly_on_signals)
         return 0
-    except (ConfigError, DataError, ModelLoadError, FileNotFoundError, NodeWorkerError) as exc:
+    except (ConfigError, DataError, ModelLoadError, FileNotFoundError, NodeWorkerError, CheckpointError) as exc:
         print(f"fedortho: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # what the ServerApp raised (run_simulation may wrap it in a RuntimeError)
         cause = exc.__cause__ or exc
         what = "the simulation stopped: " if args.command == "simulate" else ""
-        print(f"fedortho: error: {what}{type(cause).__name__}: {cause}", file=sys.stderr)
+        kind = "" if isinstance(cause, RunStopped) else f"{type(cause).__name__}: "
+        print(f"fedortho: error: {what}{kind}{cause}", file=sys.stderr)
         return 1
 
 
@@ -220,7 +265,16 @@ def _sweep(args: argparse.Namespace) -> int:
             note = f"  ({changed[cell.name]})" if cell.name in changed else ""
             print(f"  {status:<7} {cell.name}{note}")
         return 0
-    counts = run_sweep(sweep, parallel=args.parallel)
+    def interrupt(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # like Ctrl-C: the running cells are ended first
+    try:
+        counts = run_sweep(sweep, parallel=args.parallel)
+    except KeyboardInterrupt:
+        print(f"fedortho: sweep interrupted; finished cells are kept in {sweep.out}, interrupted ones continue "
+              "from their checkpoint when the sweep runs again", file=sys.stderr, flush=True)
+        return 130
     print(f"sweep {sweep.name}: {counts['ran']} ran, {counts['failed']} failed, "
           f"{counts['done-before']} were already done; `fedortho report {sweep.out}` for the table")
     return 1 if counts["failed"] else 0

@@ -33,6 +33,8 @@ class RunConfig:
     clients: int = field(default=10, metadata={"help": "number of clients (data partitions)"})
     clients_per_round: int = field(default=10, metadata={"help": "clients sampled each round"})
     svd_period: int = field(default=1, metadata={"help": "fedsvd: refactorize every N rounds"})
+    min_clients: int = field(default=1, metadata={"help": "a round in which fewer sampled clients succeed stops the run (resumable)"})
+    fail_rate: float = field(default=0.0, metadata={"help": "fault injection: share of client training calls that fail on purpose (seeded)"})
     # local training
     local_steps: int = field(default=3, metadata={"help": "optimizer steps per client round"})
     batch_size: int = field(default=32, metadata={"help": "expected (Poisson) batch size"})
@@ -129,6 +131,9 @@ class RunConfig:
         for name in ("rounds", "clients", "clients_per_round", "svd_period", "local_steps", "batch_size", "lora_r",
                      "max_length", "eval_every"):
             need(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        need(1 <= self.min_clients <= self.clients_per_round,
+             f"min-clients must be between 1 and clients-per-round ({self.clients_per_round}), got {self.min_clients}")
+        need(0 <= self.fail_rate < 1, f"fail-rate must be in [0, 1), got {self.fail_rate}")
         need(self.clients_per_round <= self.clients,
              f"clients-per-round ({self.clients_per_round}) cannot exceed clients ({self.clients})")
         need(self.epsilon > 0, f"epsilon must be > 0 (or inf for no DP), got {self.epsilon}")

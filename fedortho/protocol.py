@@ -22,7 +22,13 @@ SERVER_ROUND = "server-round"
 HELD_VERSION = "held-version"      # version of the held tensors, bumped whenever one changes
 EPSILON_SEEN = "epsilon-seen"      # the largest cumulative epsilon the server saw this client report
 LABEL_NAMES = "label-names"        # the run's label names, in label order: a node's own data must agree
-PER_ROUND_KEYS = (SERVER_ROUND, HELD_VERSION, EPSILON_SEEN, LABEL_NAMES)  # not run settings
+STATE_TRAVELS = "state-travels"    # true: the client's state comes with the message and goes back with the reply
+PER_ROUND_KEYS = (SERVER_ROUND, HELD_VERSION, EPSILON_SEEN, LABEL_NAMES, STATE_TRAVELS)  # not run settings
+
+# In simulation a client's state (its records but the held tensors, which the server sends
+# every round instead) travels as records with this prefix: it then lives in the server's
+# checkpoint, whichever worker or machine trains the client next.
+STATE_PREFIX = "client-state."
 
 # What a client's training reply carries besides the tensors it trains: what the accountant
 # counted (public given the run's settings); the gradient diagnostics only where the node opted

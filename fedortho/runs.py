@@ -113,6 +113,10 @@ def _text(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+class RunStopped(RuntimeError):
+    """The run stopped before its last round; the message says why, in one line."""
+
+
 _ACTIVE: list["RunRecorder"] = []
 LOCK = ".lock"  # held (flock) by the run writing the folder, for as long as it writes
 
@@ -135,16 +139,48 @@ def holds_files(out: Path) -> bool:
     return Path(out).exists() and (not Path(out).is_dir() or any(p.name != LOCK for p in Path(out).iterdir()))
 
 
-def finish_interrupted_runs() -> None:
-    """Write the summary of every run still in progress (used when the process is stopped)."""
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of ``path`` (none if it is absent), non-finite numbers restored; a torn
+    last line (a kill mid-write) is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        rows.append({k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in row.items()})
+    return rows
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.writelines(json.dumps(json_safe(row)) + "\n" for row in rows)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def finish_interrupted_runs() -> list[Path]:
+    """Write the summary of every run still in progress (used when the process is stopped);
+    returns their folders."""
+    folders = []
     for recorder in list(_ACTIVE):
         recorder.finish({"completed": False})
+        folders.append(recorder.out)
+    return folders
 
 
 class RunRecorder:
     """Writes a run's outputs as they happen, so an interrupted run keeps its finished rounds."""
 
-    def __init__(self, cfg: RunConfig, out: Path, echo: bool = True, provenance: dict[str, Any] | None = None) -> None:
+    def __init__(self, cfg: RunConfig, out: Path, echo: bool = True, provenance: dict[str, Any] | None = None,
+                 resume: tuple[int, float] | None = None) -> None:
+        """``resume=(round, seconds)``: continue the run in ``out`` after its checkpointed round
+        (which took ``seconds``); rows of later rounds, from an attempt that was killed before
+        it checkpointed them, are dropped."""
         self.cfg, self.out, self.echo = cfg, Path(out), echo
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.out / LOCK, "a")
@@ -154,18 +190,31 @@ class RunRecorder:
             self._lock.close()
             raise FileExistsError(f"run folder {self.out} is being written by another run; choose another --out") \
                 from None
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.time()
+        self.resumed_after: list[int] = []  # the rounds after which this run was continued
+        if resume is not None:
+            self._continue(*resume)
+            _ACTIVE.append(self)
+            return
         if (self.out / "metrics.jsonl").exists() or holds_files(self.out):
             self._release()
             raise FileExistsError(f"run folder {self.out} already holds files; a run writes only into a new or "
                                   "empty folder")
-        self.rows: list[dict[str, Any]] = []
-        self.started = time.time()
         # provenance: what identifies the code and the run under Flower's runtime (run id, app hash)
         meta = {"config": cfg.to_dict(hyphenated=True), "seed": cfg.seed, "git-commit": git_commit(),
                 **(provenance or {}), "packages": package_versions(), "python": sys.version.split()[0],
                 "platform": platform.platform()}
         (self.out / "config.json").write_text(json.dumps(json_safe(meta), indent=2) + "\n")
         _ACTIVE.append(self)
+
+    def _continue(self, last_round: int, seconds: float) -> None:
+        self.started -= seconds
+        self.rows = [r for r in _read_rows(self.out / "metrics.jsonl") if r["round"] <= last_round]
+        clients = [r for r in _read_rows(self.out / "privacy.jsonl") if r["round"] <= last_round]
+        _write_rows(self.out / "metrics.jsonl", self.rows)
+        _write_rows(self.out / "privacy.jsonl", clients)
+        (self.out / "summary.json").unlink(missing_ok=True)  # the run is under way again
 
     def record(self, row: dict[str, Any]) -> None:
         """Append one round to ``metrics.jsonl`` (test accuracy and loss only on evaluated rounds)."""
@@ -206,7 +255,11 @@ class RunRecorder:
             "epsilon-spent": max((r["epsilon"] for r in trained if r.get("epsilon") is not None),
                                  default=0.0 if self.cfg.private else math.inf),
             "wall-seconds": round(time.time() - self.started, 2), **diagnostics_summary(trained),
-            "empty-rounds": empty, **(extra or {}),
+            "empty-rounds": empty,
+            # rounds in which some sampled client failed or sent an update that was rejected
+            "degraded-rounds": sum(1 for r in trained if r.get("clients-failed", 0) > 0),
+            "failed-client-calls": sum(int(r.get("clients-failed", 0)) for r in trained),
+            **({"resumed-after-rounds": self.resumed_after} if self.resumed_after else {}), **(extra or {}),
         }
         if empty:  # a round without a usable update trained nothing: the run did not do what was asked
             summary["completed"] = False

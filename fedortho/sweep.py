@@ -19,19 +19,25 @@ of the report; the key itself is only a name.
 Each cell runs ``fedortho simulate`` (the same code path) in its own process and folder
 ``<out>/<cell>/``. A cell is finished when its ``status.json`` says ``done``: finished cells
 are never rerun or overwritten, and a sweep file whose settings no longer match a finished
-cell is refused rather than mixed with it. A cell killed in flight left no ``done`` status
-and runs again from scratch on the next ``fedortho sweep``; a failing cell records its error
-and the others go on (it is retried on the next call).
+cell is refused rather than mixed with it. A cell interrupted in flight left no ``done``
+status: the next ``fedortho sweep`` continues it from its last checkpointed round (or, without
+one, runs it again from scratch). A failing cell records its error and the others go on (it
+is retried on the next call). Each cell's process leads its own process group, which ends
+with the sweep, also when the sweep is killed.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -40,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedortho.config import ConfigError, RunConfig
+from fedortho.guardian import die_with_parent
 from fedortho.runs import folder_in_use, write_json_atomic
 
 STATUS = "status.json"
@@ -97,8 +104,8 @@ def cell_name(values: dict[str, Any]) -> str:
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     try:
-        spec = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        spec = tomllib.loads(path.read_text(), parse_float=_finite_or_inf)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError) as exc:
         raise ConfigError(f"cannot read sweep file {path}: {exc}") from None
     unknown = set(spec) - {"sweep", "base", "grid"}
     if unknown:
@@ -156,6 +163,15 @@ def _check_bundles(path: Path, key: str, values: list, base: dict, grid: dict) -
                 raise ConfigError(f"sweep file {path}: 'out' is set per cell by the sweep")
 
 
+def _finite_or_inf(text: str) -> float:
+    """A TOML float; only the literal ``inf`` may be infinite (``1e309`` would overflow to inf
+    and, as an epsilon, silently turn DP off)."""
+    value = float(text)
+    if math.isnan(value) or (math.isinf(value) and text.lstrip("+-") != "inf"):
+        raise ValueError(f"{text} is not a finite number (only the literal inf means infinity)")
+    return value
+
+
 def _setting(name: str) -> str:
     """A setting's one spelling (``init_a`` and ``init-a`` are the same setting)."""
     return name.replace("_", "-")
@@ -205,17 +221,101 @@ def _cli_value(value: Any) -> str:
     return str(value)  # floats print as Python reads them, infinities as "inf"
 
 
+_CHILDREN: set[subprocess.Popen] = set()  # the cells' running processes, each the leader of its own group
+_CHILDREN_LOCK = threading.Lock()
+STOP_GRACE_SECONDS = 30
+
+
 def simulate_cell(cell: Cell, folder: Path) -> None:
-    """Run one cell through ``fedortho simulate`` in a fresh process; raise on failure."""
-    args = [sys.executable, "-m", "fedortho.cli", "simulate", "--out", str(folder / RUN)]
+    """Run one cell through ``fedortho simulate`` in a fresh process; raise on failure.
+
+    A cell whose run was interrupted after a checkpoint is continued (``--resume``); if its
+    checkpoint cannot be resumed, the cell starts over. The process leads its own process
+    group (Ray's processes join it) and gets SIGTERM if the sweep dies, even by SIGKILL.
+    """
+    run = folder / RUN
+    if _has_checkpoint(run):
+        code = _run_cli(["simulate", "--resume", str(run)], folder, append=True)
+        if code != 2:  # 2: refused before anything ran (a damaged or foreign checkpoint)
+            return _raise_on_failure(code, folder)
+        _clear(folder, cell)
+    args = ["simulate", "--out", str(run)]
     for key, value in cell.settings.items():
         args += [f"--{key.replace('_', '-')}", _cli_value(value)]
-    with open(folder / "log.txt", "w") as log:
-        proc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
+    _raise_on_failure(_run_cli(args, folder, append=False), folder)
+
+
+def _has_checkpoint(run: Path) -> bool:
+    return (run / "checkpoint" / "checkpoint.json").is_file()
+
+
+def _run_cli(args: list[str], folder: Path, append: bool) -> int:
+    with open(folder / "log.txt", "a" if append else "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fedortho.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=functools.partial(die_with_parent, os.getpid()))
+    with _CHILDREN_LOCK:
+        _CHILDREN.add(proc)
+    try:
+        return proc.wait()
+    finally:
+        with _CHILDREN_LOCK:
+            _CHILDREN.discard(proc)
+        _end_group(proc.pid, grace=0)  # whatever the cell left behind in its group
+
+
+def _raise_on_failure(code: int, folder: Path) -> None:
+    if code != 0:
         lines = (folder / "log.txt").read_text().strip().splitlines()
         errors = [line for line in lines if "error" in line.lower()]
-        raise RuntimeError((errors or lines or [f"exit code {proc.returncode}"])[-1])
+        raise RuntimeError((errors or lines or [f"exit code {code}"])[-1])
+
+
+def _end_group(pgid: int, grace: float) -> None:
+    """SIGTERM a cell's process group, then SIGKILL what is left after ``grace`` seconds."""
+    for sig, wait_s in ((signal.SIGTERM, grace), (signal.SIGKILL, 0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+def stop_cells() -> None:
+    """End every running cell: its run writes its summary, Ray stops, then its group is killed."""
+    with _CHILDREN_LOCK:
+        running = list(_CHILDREN)
+    for proc in running:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for proc in running:
+        try:
+            proc.wait(timeout=STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+        _end_group(proc.pid, grace=0)
+
+
+def _clear(folder: Path, cell: Cell) -> None:
+    """Start a cell afresh: an unfinished or failed attempt holds nothing finished."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    write_json_atomic(folder / "cell.json", {"values": cell.values, "settings": cell.settings})
+
+
+def _same_settings(folder: Path, cell: Cell) -> bool:
+    try:
+        return json.loads((folder / "cell.json").read_text())["settings"] == json.loads(json.dumps(cell.settings))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def run_sweep(sweep: Sweep, parallel: int = 1, run_cell: Callable[[Cell, Path], None] | None = None,
@@ -240,10 +340,9 @@ def run_sweep(sweep: Sweep, parallel: int = 1, run_cell: Callable[[Cell, Path], 
         if folder_in_use(folder / RUN):  # e.g. the child of a killed sweep, still running
             raise RuntimeError(f"cell {cell.name}: its run folder is still being written by another process; "
                                "stop that process, then run the sweep again")
-        if folder.exists():
-            shutil.rmtree(folder)  # an unfinished or failed attempt: it holds nothing finished
-        folder.mkdir(parents=True)
-        write_json_atomic(folder / "cell.json", {"values": cell.values, "settings": cell.settings})
+        if not (_has_checkpoint(folder / RUN) and _same_settings(folder, cell)):
+            _clear(folder, cell)  # else the run continues from its checkpoint
+        (folder / STATUS).unlink(missing_ok=True)
         try:
             run_cell(cell, folder)
         except Exception as exc:  # recorded; the other cells go on
@@ -251,31 +350,43 @@ def run_sweep(sweep: Sweep, parallel: int = 1, run_cell: Callable[[Cell, Path], 
             raise
         write_json_atomic(folder / STATUS, {"status": "done"})
 
+    _run_cells(todo, parallel, attempt, counts, started, echo)
+    return counts
+
+
+def _run_cells(todo: list[Cell], parallel: int, attempt: Callable[[Cell], None], counts: dict[str, int],
+               started: float, echo: Callable[[str], None]) -> None:
     finished = 0
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         pending: dict[Future, Cell] = {}
         queue = list(todo)
-        while queue or pending:
-            while queue and len(pending) < max(1, parallel):
-                cell = queue.pop(0)
-                pending[pool.submit(attempt, cell)] = cell
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                cell = pending.pop(future)
-                finished += 1
-                error = future.exception()
-                if error is not None:
-                    if isinstance(error, KeyboardInterrupt):
-                        raise error
-                    counts["failed"] += 1
-                    echo(f"  cell {cell.name} failed: {error}")
-                else:
-                    counts["ran"] += 1
-                elapsed = time.time() - started
-                eta = elapsed / finished * (len(todo) - finished)
-                echo(f"  [{_bar(finished, len(todo))}] {finished}/{len(todo)} cells  "
-                     f"elapsed {elapsed / 60:.1f} min  ETA {eta / 60:.1f} min  ({cell.name})")
-    return counts
+        try:
+            while queue or pending:
+                while queue and len(pending) < max(1, parallel):
+                    cell = queue.pop(0)
+                    pending[pool.submit(attempt, cell)] = cell
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    cell = pending.pop(future)
+                    finished += 1
+                    error = future.exception()
+                    if error is not None:
+                        if isinstance(error, KeyboardInterrupt):
+                            raise error
+                        counts["failed"] += 1
+                        echo(f"  cell {cell.name} failed: {error}")
+                    else:
+                        counts["ran"] += 1
+                    elapsed = time.time() - started
+                    eta = elapsed / finished * (len(todo) - finished)
+                    echo(f"  [{_bar(finished, len(todo))}] {finished}/{len(todo)} cells  "
+                         f"elapsed {elapsed / 60:.1f} min  ETA {eta / 60:.1f} min  ({cell.name})")
+        except BaseException:  # Ctrl-C, SIGTERM: the running cells end with the sweep
+            queue.clear()
+            for future in pending:
+                future.cancel()
+            stop_cells()  # before the pool waits for the threads that wait for them
+            raise
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:

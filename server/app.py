@@ -3,71 +3,104 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import HttpGrid
 
 from fedortho import data
+from fedortho.checkpoint import CheckpointError, ClientStates, check_resumable, checkpoint_folder, \
+    load_checkpoint, save_checkpoint
 from fedortho.config import ConfigError, RunConfig
 from fedortho.data import DataError
 from fedortho.lora import adapter_state, load_adapter_state, save_adapter
 from fedortho.models import ModelLoadError
-from fedortho.runs import RunRecorder, default_out, get_logger
+from fedortho.runs import RunRecorder, RunStopped, default_out, get_logger
 from fedortho.train import evaluate
 from fedortho.worker import build_model, set_threads
 from server.grid import PromptGrid
 from server.strategy import LoRAStrategy
 
 
-def run_federation(grid: Grid, cfg: RunConfig) -> dict:
+def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_travels: bool = False) -> dict:
     """Run ``cfg.rounds`` rounds and write the run folder; returns the summary.
 
-    The adapter is saved after every evaluated round and the summary is written even if the
-    run stops early, so an interrupted run keeps everything it computed.
+    After every round the folder holds the metrics, the adapter of the last evaluated round
+    and a checkpoint (``fedortho.checkpoint``); the summary is written even if the run stops
+    early. ``resume``: continue the run in ``cfg.out`` after its checkpointed round.
+    ``state_travels``: clients' states come back with their replies and are checkpointed here
+    (simulation); otherwise each node keeps its own.
     """
     set_threads(cfg)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
-    recorder = RunRecorder(cfg, out, provenance=provenance(grid))
+    checkpoint = load_checkpoint(out) if resume else None
+    if checkpoint is not None:
+        check_resumable(checkpoint, cfg)
+        recorder = RunRecorder(cfg, out, resume=(checkpoint.round, float(checkpoint.run.get("seconds", 0.0))))
+        recorder.resumed_after = [*checkpoint.run.get("resumed-after-rounds", []), checkpoint.round]
+        clients = checkpoint.clients
+    else:
+        recorder = RunRecorder(cfg, out, provenance=provenance(grid))
+        clients = ClientStates(checkpoint_folder(out) / "clients")
+    first = 1 if checkpoint is None else checkpoint.round + 1
     print(f"fedortho: {cfg.strategy}, {cfg.clients_per_round}/{cfg.clients} clients per round, "
-          f"{cfg.rounds} rounds, epsilon {cfg.epsilon:g} -> {out}", flush=True)
+          f"{cfg.rounds} rounds, epsilon {cfg.epsilon:g} -> {out}"
+          + (f" (resumed after round {checkpoint.round})" if checkpoint else ""), flush=True)
     model = build_model(cfg)  # the server's copy, for evaluation and for saving the adapter
     test = data.test_tensors(cfg)
-    strategy = LoRAStrategy(cfg, data.splits_for(cfg).label_names)
+    strategy = LoRAStrategy(cfg, data.splits_for(cfg).label_names, clients if state_travels else None)
+    if checkpoint is not None:
+        strategy.load_state_dict(checkpoint.server)
     if isinstance(grid, HttpGrid):  # deployment: Flower's own Grid would wait 3 s between looks
         grid = PromptGrid(grid)
 
-    zero_shot = None
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    zero_shot = checkpoint.run.get("zero-shot-accuracy") if checkpoint else None
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> None:
+        """Record the round, evaluate the global model when due, and checkpoint."""
         row: dict = {"round": server_round}
         if server_round > 0:
             row.update(strategy.last_round)
             row["epsilon"] = row.pop("epsilon-max")
             row["round-seconds"] = round(time.time() - strategy.round_started, 2)
             recorder.record_clients(server_round, strategy.last_clients)
-        if not evaluated(cfg, server_round):
-            recorder.record(row)
-            return None
-        load_adapter_state(model, arrays.to_torch_state_dict())
-        accuracy, loss = evaluate(model, test, precision=cfg.eval_precision)
-        row.update({"test-accuracy": accuracy, "test-loss": loss})
-        save_adapter(model, out / "adapter")  # the adapter of the last evaluated round
+        tensors = arrays.to_torch_state_dict()
+        if evaluated(cfg, server_round):
+            load_adapter_state(model, tensors)
+            accuracy, loss = evaluate(model, test, precision=cfg.eval_precision)
+            row.update({"test-accuracy": accuracy, "test-loss": loss})
+            save_adapter(model, out / "adapter")  # the adapter of the last evaluated round
         recorder.record(row)
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        if server_round == 0 and cfg.head_init == "zero-shot":
+            nonlocal zero_shot
+            zero_shot = row["test-accuracy"]  # round 0 measures the zero-shot head itself
+        save_checkpoint(out, server_round, cfg.to_dict(hyphenated=True), tensors, strategy.state_dict(), clients,
+                        {"seconds": round(time.time() - recorder.started, 2), "zero-shot-accuracy": zero_shot,
+                         "resumed-after-rounds": recorder.resumed_after})
 
-    finished = False
+    finished, stopped = False, None
     try:
-        # With a zero-shot head, round 0 measures it: no evaluation of its own.
-        zero_shot = None if cfg.head_init == "zero-shot" else zero_shot_accuracy(cfg, test)
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(model)), num_rounds=cfg.rounds,
-                       evaluate_fn=evaluate_global)
+        if checkpoint is None:
+            if cfg.head_init != "zero-shot":
+                zero_shot = zero_shot_accuracy(cfg, test)
+            initial = ArrayRecord(adapter_state(model))
+            after_round(0, initial)
+        else:
+            initial = ArrayRecord(checkpoint.adapter)
+        run_rounds(strategy, grid, initial, first, cfg.rounds, after_round)
         finished = True
+    except RunStopped as exc:
+        stopped = str(exc)
     finally:
-        if cfg.head_init == "zero-shot" and recorder.rows:
-            zero_shot = recorder.rows[0].get("test-accuracy")
         summary = recorder.finish({"majority-rate": data.majority_rate(data.splits_for(cfg).test_labels),
-                                   "zero-shot-accuracy": zero_shot, "completed": finished})
+                                   "zero-shot-accuracy": zero_shot, "completed": finished,
+                                   **({"stopped": stopped} if stopped else {})})
+    if stopped:
+        saved = max((r["round"] for r in recorder.rows), default=0)
+        raise RunStopped(f"{stopped}; the run stopped after round {saved}, which is saved in {out}"
+                         + (f": continue it with `fedortho simulate --resume {out}`" if state_travels else ""))
     if summary["empty-rounds"]:
         get_logger().warning("%d of %d rounds had no usable client update; the run is not complete",
                              summary["empty-rounds"], cfg.rounds)
@@ -76,6 +109,26 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
           f"{'-' if zero_shot is None else f'{zero_shot:.4f}'}), epsilon spent {summary['epsilon-spent']:.3f}, "
           f"{summary['wall-seconds']:.0f}s; outputs in {out}", flush=True)
     return summary
+
+
+ROUND_TIMEOUT = 3600  # seconds a round waits for its replies (Flower's default)
+
+
+def run_rounds(strategy: LoRAStrategy, grid: Grid, arrays: ArrayRecord, first: int, last: int,
+               after_round: Callable[[int, ArrayRecord], None]) -> ArrayRecord:
+    """Rounds ``first``..``last``: train the sampled clients, aggregate, then ``after_round``.
+
+    Flower's ``Strategy.start`` always begins at round 1 with an evaluation of round 0; a
+    resumed run begins after its checkpoint.
+    """
+    for server_round in range(first, last + 1):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        replies = grid.send_and_receive(messages, timeout=ROUND_TIMEOUT)
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        after_round(server_round, arrays)
+    return arrays
 
 
 def provenance(grid: Grid) -> dict:
@@ -109,13 +162,14 @@ def zero_shot_accuracy(cfg: RunConfig, test) -> float | None:
     return evaluate(reference, test, precision=cfg.eval_precision)[0]
 
 
-def make_server_app(cfg: RunConfig) -> ServerApp:
-    """A ServerApp bound to ``cfg`` (used by ``fedortho simulate``)."""
+def make_server_app(cfg: RunConfig, resume: bool = False) -> ServerApp:
+    """A ServerApp bound to ``cfg`` (used by ``fedortho simulate``): the clients' states travel
+    with the messages and are checkpointed with the run."""
     bound = ServerApp()
 
     @bound.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg)
+        run_federation(grid, cfg, resume=resume, state_travels=True)
 
     return bound
 
@@ -129,7 +183,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = RunConfig.from_mapping(context.run_config)
         run_federation(grid, cfg)
-    except (ConfigError, DataError, ModelLoadError, FileExistsError) as exc:
+    except (ConfigError, DataError, ModelLoadError, FileExistsError, RunStopped, CheckpointError) as exc:
         get_logger().error("%s", exc)  # the reason in one line, before Flower's report
         # An Exception (not SystemExit, which Flower does not catch) makes Flower mark the
         # run failed with this reason (`flwr ls`) instead of waiting for a heartbeat.

@@ -19,11 +19,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from client.state import from_records, to_records
 from fedortho import protocol
+from fedortho.checkpoint import ClientStates
 from fedortho.config import RunConfig
 from fedortho.fedsvd import AggregationError, aggregate, check_update
 from fedortho.lora import trainable_names
-from fedortho.runs import get_logger
+from fedortho.runs import RunStopped, get_logger
 
 logger = get_logger()
 CLIENT_WAIT_SECONDS = 600
@@ -32,10 +34,13 @@ CLIENT_WAIT_SECONDS = 600
 class LoRAStrategy(FedAvg):
     """Weighted aggregation of LoRA adapters with an optional FedSVD refactorization."""
 
-    def __init__(self, cfg: RunConfig, label_names: tuple[str, ...] = ()) -> None:
+    def __init__(self, cfg: RunConfig, label_names: tuple[str, ...] = (), client_states: ClientStates | None = None) -> None:
+        """``client_states``: the clients' states travel with the messages and are kept here
+        (simulation: they are checkpointed with the run); None: each node keeps its own."""
         # Flower's own node checks are not used: sample() and _discover() decide who trains.
         super().__init__(min_train_nodes=cfg.clients_per_round)
         self.cfg = cfg
+        self.client_states = client_states
         self.label_names = list(label_names)  # sent to nodes: their own data must label examples alike
         self.refused: dict[int, str] = {}  # nodes that cannot take part, with their reason
         self.deferred: set[int] = set()  # nodes to ask again: their claim waits, or they did not answer
@@ -49,6 +54,17 @@ class LoRAStrategy(FedAvg):
         self.last_clients: list[dict] = []  # one row per client that replied in the last round
         self.round_started = time.time()
         self._global: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict:
+        """What the next rounds depend on, as JSON: a resumed run samples, versions and checks
+        the clients' privacy histories exactly as the uninterrupted run would."""
+        return {"rng": self.rng.bit_generator.state, "held-version": self.held_version,
+                "epsilon-of-partition": {str(p): e for p, e in sorted(self.epsilon_of_partition.items())}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.held_version = int(state["held-version"])
+        self.epsilon_of_partition = {int(p): float(e) for p, e in state["epsilon-of-partition"].items()}
 
     def summary(self) -> None:
         c = self.cfg
@@ -149,15 +165,19 @@ class LoRAStrategy(FedAvg):
         self.round_started = time.time()
         state = arrays.to_torch_state_dict()
         held = set(protocol.held_names(state, self.cfg.strategy, self.cfg.train_head))
+        travels = self.client_states is not None
         settings = {**self.cfg.to_dict(hyphenated=True), **config, protocol.SERVER_ROUND: server_round,
-                    protocol.HELD_VERSION: self.held_version}
+                    protocol.HELD_VERSION: self.held_version, protocol.STATE_TRAVELS: travels}
         messages = []
         for node in self.sample(grid):
-            up_to_date = self.held_version_at_node.get(node) == self.held_version
+            partition = self.partition_of_node[node]
+            up_to_date = not travels and self.held_version_at_node.get(node) == self.held_version
             payload = {k: v for k, v in state.items() if not (up_to_date and k in held)}
-            seen = self.epsilon_of_partition.get(self.partition_of_node[node], 0.0)
+            seen = self.epsilon_of_partition.get(partition, 0.0)
+            client_state = _state_records(self.client_states.get(partition)) if travels else {}
             content = RecordDict({protocol.ARRAYS: ArrayRecord(payload),
-                                  protocol.CONFIG: ConfigRecord({**settings, protocol.EPSILON_SEEN: seen})})
+                                  protocol.CONFIG: ConfigRecord({**settings, protocol.EPSILON_SEEN: seen}),
+                                  **client_state})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         self._global = state
         self._sent = messages  # the Grid sets their message ids when it sends them
@@ -191,22 +211,28 @@ class LoRAStrategy(FedAvg):
         expected_names = trainable_names(self._global, self.cfg.strategy, self.cfg.train_head)
         expected = {k: self._global[k] for k in expected_names}
         accepted: list[tuple[int, dict[str, torch.Tensor], float]] = []
-        losses, exhausted, failed = [], 0, 0
+        losses, exhausted, failures = [], 0, []
         self.last_clients = []
         for reply in replies:
             node = recipient(reply, self._sent)
             who = f"client {self.partition_of_node.get(node, node)}"
             if reply.has_error():
-                failed += 1
+                lost = worker_lost(reply)
+                if lost:  # Flower's simulation engine would hand every later client to the dead worker
+                    raise RunStopped(f"round {server_round}: the simulation worker training {who} died ({lost})")
+                failures.append(f"{who} failed: {error_line(reply)}")
                 self.held_version_at_node.pop(node, None)  # it may have lost its state: resend A
-                logger.warning("%s failed: %s", who, error_line(reply))
+                logger.warning("%s", failures[-1])
                 continue
+            if self.client_states is not None and (client_state := _reply_state(reply)):
+                # kept even if the update is rejected below: the privacy it spent stays spent
+                self.client_states.put(self.partition_of_node[node], client_state)
             try:
                 read = self._read_reply(reply, node, expected, who)
             except (AggregationError, KeyError, TypeError, ValueError) as exc:
-                failed += 1
+                failures.append(f"rejected reply of {who}: {str(exc).removeprefix(f'{who}: ')}")
                 self.held_version_at_node.pop(node, None)
-                logger.warning("rejected reply of %s: %s", who, str(exc).removeprefix(f"{who}: "))
+                logger.warning("%s", failures[-1])
                 continue
             if read is None:
                 exhausted += 1
@@ -218,8 +244,13 @@ class LoRAStrategy(FedAvg):
             if math.isfinite(loss):  # NaN under DP, or when every Poisson batch came out empty
                 losses.append((loss, weight))
         accepted.sort(key=lambda item: item[0])  # a fixed summation order keeps runs reproducible
+        succeeded = len(accepted) + exhausted
+        if succeeded < self.cfg.min_clients:
+            raise RunStopped(f"round {server_round}: {succeeded} of {len(self._sent)} sampled clients succeeded, "
+                             f"fewer than min-clients={self.cfg.min_clients}"
+                             + (f" ({failures[0]})" if failures else ""))
         metrics = {
-            "clients-replied": len(accepted), "clients-failed": failed, "clients-exhausted": exhausted,
+            "clients-replied": len(accepted), "clients-failed": len(failures), "clients-exhausted": exhausted,
             # cumulative: the largest epsilon any client has spent so far
             # (before any client has reported: nothing spent, or without DP no guarantee at all)
             "epsilon-max": max(self.epsilon_of_partition.values(), default=0.0 if self.cfg.private else math.inf),
@@ -240,6 +271,30 @@ class LoRAStrategy(FedAvg):
         return ArrayRecord({k: v.contiguous() for k, v in new_state.items()}), MetricRecord(metrics)
 
 
+def _state_records(state: dict | None) -> dict:
+    """A client's stored state as the records that travel with its training message."""
+    return {protocol.STATE_PREFIX + name: record for name, record in to_records(state).items()}
+
+
+def _reply_state(reply: Message) -> dict:
+    """The client state a reply carries back, in plain form (``fedortho.checkpoint``)."""
+    return from_records((key.removeprefix(protocol.STATE_PREFIX), record) for key, record in reply.content.items()
+                        if key.startswith(protocol.STATE_PREFIX))
+
+
+# Ray errors that mean the simulation worker itself is gone, not that the ClientApp it ran failed
+# (which arrives as RayTaskError(ClientAppException)).
+WORKER_LOST_ERRORS = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError",
+                      "NodeDiedError", "LocalRayletDiedError", "OutOfMemoryError")
+
+
+def worker_lost(reply: Message) -> str | None:
+    """The Ray error's name if the reply says the simulation worker itself died or cannot be
+    reached."""
+    match = re.match(r"<class 'ray\.exceptions\.(\w+)'>", (reply.error.reason or "").strip())
+    return match.group(1) if match and match.group(1) in WORKER_LOST_ERRORS else None
+
+
 def recipient(reply: Message, sent: list[Message]) -> int:
     """The node a reply answers for: the recipient of the message it replies to.
 
@@ -256,9 +311,10 @@ def recipient(reply: Message, sent: list[Message]) -> int:
 def error_line(reply: Message) -> str:
     """The last line of an error reply's reason, without Flower's "<class ...>:<'...'>" wrapping."""
     reason = (reply.error.reason or "").strip()
-    match = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", reason, flags=re.S)
+    match = re.fullmatch(r"<class '[^']+'>:<'(.*)'>", reason, flags=re.S)
     lines = (match.group(1) if match else reason).strip().splitlines()
-    return lines[-1] if lines else "no reason given"
+    line = lines[-1] if lines else "no reason given"
+    return re.sub(r"^Exception \w+ occurred\. Message: ", "", line)  # how Flower wraps a ClientApp's error
 
 
 CLIENT_KEYS = ("epsilon", "noise-multiplier", "sample-rate", "steps", "participations", "budget-exhausted",

@@ -1,5 +1,6 @@
 """LoRAStrategy and the ClientApp together, in process, over a minimal in-memory grid."""
 
+import json
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
 from fedortho.lora import adapter_state
+from fedortho.runs import RunStopped
 from fedortho.worker import build_model
 from server.strategy import LoRAStrategy
 
@@ -192,8 +194,9 @@ def test_pinned_privacy_settings_are_enforced_by_the_client(tiny_cfg):
     def pin(grid, server_round):
         for context in grid.contexts.values():
             context.node_config["epsilon"] = 6.0
-    _, _, rounds = start(cfg, LocalGrid(3, before_round=pin))
-    assert rounds[0]["clients-replied"] == 0 and rounds[0]["clients-failed"] == 3
+    with pytest.raises(RunStopped, match=r"round 1: 0 of 3 sampled clients succeeded, fewer than min-clients=1 "
+                                         r"\(client \d failed: NodeConfigError: .*pinned to epsilon=6"):
+        start(cfg, LocalGrid(3, before_round=pin))
     _, _, rounds = start(tiny_cfg.replace(rounds=1, epsilon=6.0), LocalGrid(3, node_config={"epsilon": 6.0}))
     assert rounds[0]["clients-replied"] == 3
 
@@ -533,6 +536,10 @@ def test_a_run_whose_every_client_fails_is_not_complete(tiny_cfg, tmp_path, monk
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(InProcess, "train", crash)
-    summary = run_federation(LocalGrid(3), tiny_cfg.replace(rounds=2, epsilon=epsilon, out=str(tmp_path / "run")))
-    assert summary["completed"] is False and summary["empty-rounds"] == 2
-    assert summary["epsilon-spent"] == (0.0 if epsilon == 6.0 else math.inf)
+    out = tmp_path / "run"
+    with pytest.raises(RunStopped, match=r"round 1: 0 of 3 sampled clients succeeded.*simulated crash\); the run "
+                                         r"stopped after round 0, which is saved in"):
+        run_federation(LocalGrid(3), tiny_cfg.replace(rounds=2, epsilon=epsilon, out=str(out)))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] is False and "0 of 3 sampled clients succeeded" in summary["stopped"]
+    assert summary["epsilon-spent"] == (0.0 if epsilon == 6.0 else "inf")

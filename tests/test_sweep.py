@@ -92,6 +92,8 @@ seed = [0, 1]
     ("[grid]\nrule = [{label = 'a', strategy = 'fedprox'}]\n", "strategy must be one of"),
     ("[grid]\nepsilon = [{label = 'a', clip = 1.0}]\n", "names a run setting"),
     ("[base]\ninit_a = 'kaiming'\n[grid]\nrule = [{label = 'a', init-a = 'orthonormal'}]\n", "also by \\[base\\]"),
+    ("[grid]\nepsilon = [3.0, 1e309]\n", "1e309 is not a finite number \\(only the literal inf means infinity\\)"),
+    ("[base]\nepsilon = nan\n[grid]\nseed = [1]\n", "nan is not a finite number"),
 ])
 def test_bad_sweep_files_fail_before_any_cell_runs(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
