@@ -12,7 +12,9 @@ pin this client's privacy settings (it refuses a server asking for others),
 ``secure-noise=true`` to seed sampling and noise from OS randomness instead of the run seed
 (so that no one who knows the seed can replay the noise; runs are then not reproducible),
 ``privacy-ledger=<file>`` to make the budget cover every run on this node's data, not one
-run (``fedortho.privacy.PrivacyLedger``), and ``report-diagnostics=true``. The node checks
+run (``fedortho.privacy.PrivacyLedger``), ``state-path=<folder>`` to keep this client's state
+(accountant history, noise plan, optimizer state) on the node's disk after every round, so a
+restarted SuperNode or a resumed run goes on with it, and ``report-diagnostics=true``. The node checks
 them against the run when first asked to describe itself.
 """
 
@@ -28,7 +30,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.state import from_records, to_records
 from fedortho import protocol
+from fedortho.checkpoint import CheckpointError, load_node_state, save_node_state
 from fedortho.config import ConfigError, RunConfig
 from fedortho.faults import maybe_fail
 from fedortho.node import NodeConfigError, NodeSettings
@@ -180,8 +184,26 @@ def _restore_travelling_state(msg: Message, context: Context) -> None:
 def _travelling_state(context: Context) -> dict:
     """The records of this client's state that go back with its reply (the held tensors do not:
     the server sends them every round when the state travels)."""
-    return {protocol.STATE_PREFIX + key: record for key, record in context.state.items()
-            if key not in (STATE_HELD, STATE_HELD_META)}
+    return {protocol.STATE_PREFIX + key: record for key, record in _kept_records(context)}
+
+
+def _kept_records(context: Context) -> list:
+    """This client's state but the held tensors, which the server sends again to a node that
+    does not hold them."""
+    return [(key, record) for key, record in context.state.items() if key not in (STATE_HELD, STATE_HELD_META)]
+
+
+def _restore_from_disk(node: NodeSettings, run_key: str, context: Context) -> None:
+    """A node with ``state-path`` that lost its state in memory (its SuperNode restarted, or the
+    server resumed the run as a new Flower run) takes it back from its own disk."""
+    if not (node.state_path and run_key) or STATE_PARTICIPATION in context.state:
+        return
+    try:
+        saved = load_node_state(node.state_path, run_key)
+    except CheckpointError as exc:
+        raise RuntimeError(f"{exc}; refusing to train") from None
+    for key, record in to_records(saved).items():
+        context.state[key] = record
 
 
 @app.train()
@@ -189,8 +211,11 @@ def train(msg: Message, context: Context) -> Message:
     node = _node(context)
     round_config = msg.content[protocol.CONFIG]
     travels = bool(round_config.get(protocol.STATE_TRAVELS, False))
+    run_key = str(round_config.get(protocol.RUN_KEY, ""))
     if travels:
         _restore_travelling_state(msg, context)
+    else:
+        _restore_from_disk(node, run_key, context)
     cfg = _config(msg, node, context)
     partition_id, num_partitions = node.partition_id, node.num_partitions
     maybe_fail(cfg.seed, int(round_config[protocol.SERVER_ROUND]), partition_id, cfg.fail_rate)
@@ -238,6 +263,9 @@ def train(msg: Message, context: Context) -> Message:
         })
     participations = int(context.state[STATE_PARTICIPATION]["rounds"]) + 1 if STATE_PARTICIPATION in context.state else 1
     context.state[STATE_PARTICIPATION] = ConfigRecord({"rounds": participations})
+    if node.state_path and run_key and not travels:  # on disk before anything trained leaves the node
+        save_node_state(node.state_path, run_key, int(round_config[protocol.SERVER_ROUND]),
+                        from_records(_kept_records(context)))
     # What the accountant counted: public given the run's settings, so always reported.
     metrics = {
         "num-examples": result.num_examples, "epsilon": result.epsilon,

@@ -2,7 +2,7 @@
 # Start or stop a SuperNode: one client, training on data it holds.
 #
 #   deploy/supernode.sh start DIR NAME --superlink HOST:PORT --ca CA.crt --key KEY \
-#       --partition I --partitions N [--data-path FOLDER] [--ledger FILE] \
+#       --partition I --partitions N [--data-path FOLDER] [--ledger FILE] [--state-path FOLDER] \
 #       [--epsilon E --delta D --clip C] [--secure-noise] [--report-diagnostics] [--port Q] [--no-worker] \
 #       [--retry SECONDS]
 #   deploy/supernode.sh start DIR NAME --superlink HOST:PORT --insecure --partition I --partitions N ...
@@ -12,7 +12,9 @@
 # authenticates with KEY (made by deploy/node-key.sh, registered at the SuperLink). FOLDER is
 # this node's own training data (`fedortho export-partition` writes one); without it the
 # node reads partition I of the run's dataset. --ledger keeps the privacy budget of this
-# node's data across runs; --epsilon/--delta/--clip pin the privacy settings this node
+# node's data across runs; --state-path keeps the client's state (accountant history, noise
+# plan, optimizer state) on disk after every round, so a restarted node or a resumed run goes
+# on with it (default: DIR/NAME-state); --epsilon/--delta/--clip pin the privacy settings this node
 # accepts; --secure-noise seeds the noise from OS randomness. Q is the node's local Runtime
 # API port (a free one by default). Log and pid file go to DIR/NAME.log and DIR/NAME.pid.
 # A `fedortho node-worker` (log DIR/NAME-worker.log) starts beside the SuperNode and keeps the
@@ -30,6 +32,7 @@ case $action in
     *) die "unknown action '$action' (start or stop)" ;;
 esac
 superlink="" ca="" key="" insecure=0 port="" partition="" partitions="" config=() worker=1 retry=180
+state_path=$dir/$name-state
 while [[ $# -gt 0 ]]; do
     case $1 in
         --superlink) superlink=$2; shift 2 ;;
@@ -43,6 +46,7 @@ while [[ $# -gt 0 ]]; do
                      config+=("data-path=\"$(cd "$2" && pwd)\""); shift 2 ;;
         --ledger) mkdir -p "$(dirname "$2")"
                   config+=("privacy-ledger=\"$(cd "$(dirname "$2")" && pwd)/$(basename "$2")\""); shift 2 ;;
+        --state-path) state_path=$2; shift 2 ;;
         --epsilon|--delta|--clip) config+=("${1#--}=$2"); shift 2 ;;
         --secure-noise) config+=("secure-noise=true"); shift ;;
         --report-diagnostics) config+=("report-diagnostics=true"); shift ;;
@@ -52,6 +56,8 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ -n $superlink ]] || die "give --superlink HOST:PORT"
+mkdir -p "$state_path"
+config+=("state-path=\"$(cd "$state_path" && pwd)\"")
 [[ $partition =~ ^[0-9]+$ && $partitions =~ ^[0-9]+$ ]] || die "give --partition I and --partitions N (whole numbers)"
 (( partition < partitions )) || die "--partition $partition is out of range for --partitions $partitions"
 if [[ $insecure == 1 ]]; then

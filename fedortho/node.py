@@ -18,7 +18,7 @@ from fedortho.privacy import PrivacyLedger
 
 PRIVACY_KEYS = ("epsilon", "delta", "clip")  # settings a node may pin; it refuses a server asking otherwise
 KNOWN_KEYS = ("partition-id", "num-partitions", *PRIVACY_KEYS, "secure-noise", "privacy-ledger", "data-path",
-              "report-diagnostics", "worker-socket")
+              "report-diagnostics", "worker-socket", "state-path")
 
 
 class NodeConfigError(ValueError):
@@ -35,6 +35,7 @@ class NodeSettings:
     data_path: str = ""
     report_diagnostics: bool = False
     worker_socket: str = ""  # a fedortho node-worker that keeps the model and data across messages
+    state_path: str = ""  # a folder where the node keeps its client state per run, across restarts
 
     @classmethod
     def from_node_config(cls, values: Mapping[str, Any]) -> "NodeSettings":
@@ -67,7 +68,8 @@ class NodeSettings:
         except ConfigError as exc:
             raise NodeConfigError(f"node-config {exc}") from None
         return cls(partition, parts, pins, flags["secure-noise"], str(values.get("privacy-ledger", "")),
-                   str(values.get("data-path", "")), flags["report-diagnostics"], str(values.get("worker-socket", "")))
+                   str(values.get("data-path", "")), flags["report-diagnostics"], str(values.get("worker-socket", "")),
+                   str(values.get("state-path", "")))
 
     @property
     def owner(self) -> str:
@@ -107,6 +109,8 @@ class NodeSettings:
             if not reachable(self.worker_socket):
                 raise NodeConfigError(f"worker-socket {self.worker_socket}: no node worker is serving it "
                                       "(start `fedortho node-worker --socket PATH`)")
+        if self.state_path:
+            _check_writable_folder(self.state_path)
         ledger = self.privacy_ledger(cfg)
         if ledger is not None:
             with ledger.locked():
@@ -115,3 +119,15 @@ class NodeSettings:
         if names is not None and run_label_names is not None and tuple(names) != tuple(run_label_names):
             raise NodeConfigError(f"data-path {self.data_path} labels its examples {list(names)}, the run "
                                   f"labels them {list(run_label_names)}")
+
+
+def _check_writable_folder(path: str) -> None:
+    import tempfile
+    from pathlib import Path
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise NodeConfigError(f"state-path {path} is not a writable folder ({exc.strerror or exc})") from None

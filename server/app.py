@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
     strategy = LoRAStrategy(cfg, data.splits_for(cfg).label_names, clients if state_travels else None)
     if checkpoint is not None:
         strategy.load_state_dict(checkpoint.server)
+    else:
+        strategy.run_key = uuid.uuid4().hex
     if isinstance(grid, HttpGrid):  # deployment: Flower's own Grid would wait 3 s between looks
         grid = PromptGrid(grid)
 
@@ -99,8 +102,10 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
                                    **({"stopped": stopped} if stopped else {})})
     if stopped:
         saved = max((r["round"] for r in recorder.rows), default=0)
-        raise RunStopped(f"{stopped}; the run stopped after round {saved}, which is saved in {out}"
-                         + (f": continue it with `fedortho simulate --resume {out}`" if state_travels else ""))
+        how = (f"`fedortho simulate --resume {out}`" if state_travels
+               else f"`flwr run` and `--run-config 'resume=\"{out}\"'`")
+        raise RunStopped(f"{stopped}; the run stopped after round {saved}, which is saved in {out}: continue it "
+                         f"with {how}")
     if summary["empty-rounds"]:
         get_logger().warning("%d of %d rounds had no usable client update; the run is not complete",
                              summary["empty-rounds"], cfg.rounds)
@@ -181,8 +186,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run``: settings come from the run config (pyproject + overrides)."""
     try:
-        cfg = RunConfig.from_mapping(context.run_config)
-        run_federation(grid, cfg)
+        settings = dict(context.run_config)
+        # `--run-config 'resume="<run folder>"'`: continue that run (with the same settings)
+        resume = str(settings.pop("resume", ""))
+        cfg = RunConfig.from_mapping({**settings, **({"out": resume} if resume else {})})
+        run_federation(grid, cfg, resume=bool(resume))
     except (ConfigError, DataError, ModelLoadError, FileExistsError, RunStopped, CheckpointError) as exc:
         get_logger().error("%s", exc)  # the reason in one line, before Flower's report
         # An Exception (not SystemExit, which Flower does not catch) makes Flower mark the

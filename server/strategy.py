@@ -41,6 +41,7 @@ class LoRAStrategy(FedAvg):
         super().__init__(min_train_nodes=cfg.clients_per_round)
         self.cfg = cfg
         self.client_states = client_states
+        self.run_key = ""  # names the run to nodes that keep their state on disk (the same when resumed)
         self.label_names = list(label_names)  # sent to nodes: their own data must label examples alike
         self.refused: dict[int, str] = {}  # nodes that cannot take part, with their reason
         self.deferred: set[int] = set()  # nodes to ask again: their claim waits, or they did not answer
@@ -58,11 +59,12 @@ class LoRAStrategy(FedAvg):
     def state_dict(self) -> dict:
         """What the next rounds depend on, as JSON: a resumed run samples, versions and checks
         the clients' privacy histories exactly as the uninterrupted run would."""
-        return {"rng": self.rng.bit_generator.state, "held-version": self.held_version,
+        return {"rng": self.rng.bit_generator.state, "held-version": self.held_version, "run-key": self.run_key,
                 "epsilon-of-partition": {str(p): e for p, e in sorted(self.epsilon_of_partition.items())}}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+        self.run_key = str(state["run-key"])
         self.held_version = int(state["held-version"])
         self.epsilon_of_partition = {int(p): float(e) for p, e in state["epsilon-of-partition"].items()}
 
@@ -167,7 +169,8 @@ class LoRAStrategy(FedAvg):
         held = set(protocol.held_names(state, self.cfg.strategy, self.cfg.train_head))
         travels = self.client_states is not None
         settings = {**self.cfg.to_dict(hyphenated=True), **config, protocol.SERVER_ROUND: server_round,
-                    protocol.HELD_VERSION: self.held_version, protocol.STATE_TRAVELS: travels}
+                    protocol.HELD_VERSION: self.held_version, protocol.STATE_TRAVELS: travels,
+                    protocol.RUN_KEY: self.run_key}
         messages = []
         for node in self.sample(grid):
             partition = self.partition_of_node[node]

@@ -543,3 +543,57 @@ def test_a_run_whose_every_client_fails_is_not_complete(tiny_cfg, tmp_path, monk
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] is False and "0 of 3 sampled clients succeeded" in summary["stopped"]
     assert summary["epsilon-spent"] == (0.0 if epsilon == 6.0 else "inf")
+
+
+def test_nodes_keep_their_state_on_disk_through_restarts_and_a_resumed_run(tiny_cfg, tmp_path):
+    """Deployment: the server never sees a client's state. A node with ``state-path`` keeps it
+    on its disk, so after the server stops and resumes the run, with every SuperNode
+    restarted (fresh contexts), the run ends exactly as the one never stopped. Without it a
+    restarted node cannot account for its privacy and refuses to train."""
+    from server.app import run_federation
+
+    cfg = tiny_cfg.replace(rounds=4, clients=3, clients_per_round=2, epsilon=6.0, optimizer="auon",
+                           optimizer_state="keep", eval_precision="float32")
+
+    def nodes(folder):
+        return lambda i: {"state-path": str(tmp_path / folder / f"node-{i}")}
+
+    whole = tmp_path / "whole"
+    run_federation(LocalGrid(3, node_config=nodes("whole-nodes")), cfg.replace(out=str(whole)))
+
+    def stop_before_round_3(grid, server_round):
+        if server_round == 3:
+            raise KeyboardInterrupt  # the server is stopped between rounds 2 and 3
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(LocalGrid(3, node_config=nodes("nodes"), before_round=stop_before_round_3),
+                       cfg.replace(out=str(stopped)))
+    assert json.loads((stopped / "checkpoint" / "checkpoint.json").read_text())["clients"] == {}  # none on the server
+    summary = run_federation(LocalGrid(3, node_config=nodes("nodes")), cfg.replace(out=str(stopped)), resume=True)
+    assert summary["completed"] is True and summary["resumed-after-rounds"] == [2]
+    assert (stopped / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (whole / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (stopped / "privacy.jsonl").read_text() == (whole / "privacy.jsonl").read_text()
+
+    # the same stop, but the restarted nodes kept nothing: they refuse rather than undercount
+    forgetful = tmp_path / "forgetful"
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(LocalGrid(3, before_round=stop_before_round_3), cfg.replace(out=str(forgetful)))
+    with pytest.raises(RunStopped, match="privacy history is missing"):
+        run_federation(LocalGrid(3), cfg.replace(out=str(forgetful)), resume=True)
+
+
+def test_a_damaged_node_state_file_is_refused(tmp_path):
+    from fedortho.checkpoint import CheckpointError, load_node_state, node_state_file, save_node_state
+
+    state = {"participation": {"config": {"rounds": 1}}, "optimizer-tensors": {"arrays": {"m": torch.ones(2)}}}
+    save_node_state(tmp_path, "key", 1, state)
+    loaded = load_node_state(tmp_path, "key")
+    assert loaded["participation"] == state["participation"]
+    assert torch.equal(loaded["optimizer-tensors"]["arrays"]["m"], torch.ones(2))
+    assert load_node_state(tmp_path, "other") is None  # no state for another run
+    path = node_state_file(tmp_path, "key")
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match=f"node state file {path} is damaged"):
+        load_node_state(tmp_path, "key")
