@@ -174,8 +174,7 @@ def _run_label_names(msg: Message) -> tuple[str, ...] | None:
 
 def _restore_travelling_state(msg: Message, context: Context) -> None:
     """Make the state that came with the message this client's whole state (simulation)."""
-    for key in list(context.state.keys()):
-        del context.state[key]
+    _forget(context)
     for key, record in msg.content.items():
         if key.startswith(protocol.STATE_PREFIX):
             context.state[key.removeprefix(protocol.STATE_PREFIX)] = record
@@ -185,6 +184,13 @@ def _travelling_state(context: Context) -> dict:
     """The records of this client's state that go back with its reply (the held tensors do not:
     the server sends them every round when the state travels)."""
     return {protocol.STATE_PREFIX + key: record for key, record in _kept_records(context)}
+
+
+def _forget(context: Context) -> None:
+    """A simulated node holds nothing between its rounds: its state lives with the server
+    (the simulation engine would otherwise keep every client's last state in memory)."""
+    for key in list(context.state.keys()):
+        del context.state[key]
 
 
 def _kept_records(context: Context) -> list:
@@ -240,6 +246,8 @@ def train(msg: Message, context: Context) -> Message:
             # Not an error: the client has spent what it may and sits the remaining rounds out.
             metrics = MetricRecord({"num-examples": 0, "budget-exhausted": 1, "epsilon": spent,
                                     protocol.HELD_VERSION: version})
+            if travels:
+                _forget(context)  # unchanged: the server keeps it
             return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
         if ledger is not None:
             # before anything trained on the data leaves the node; result.epsilon is the epsilon
@@ -264,8 +272,9 @@ def train(msg: Message, context: Context) -> Message:
     participations = int(context.state[STATE_PARTICIPATION]["rounds"]) + 1 if STATE_PARTICIPATION in context.state else 1
     context.state[STATE_PARTICIPATION] = ConfigRecord({"rounds": participations})
     if node.state_path and run_key and not travels:  # on disk before anything trained leaves the node
+        # with the held tensors: a restarted node that kept its node id need not be sent A again
         save_node_state(node.state_path, run_key, int(round_config[protocol.SERVER_ROUND]),
-                        from_records(_kept_records(context)))
+                        from_records(context.state.items()))
     # What the accountant counted: public given the run's settings, so always reported.
     metrics = {
         "num-examples": result.num_examples, "epsilon": result.epsilon,
@@ -280,5 +289,7 @@ def train(msg: Message, context: Context) -> Message:
         metrics["train-loss"] = result.train_loss
     metrics = MetricRecord(metrics)
     state = _travelling_state(context) if travels else {}
+    if travels:
+        _forget(context)
     return Message(RecordDict({protocol.ARRAYS: ArrayRecord(result.update), protocol.METRICS: metrics, **state}),
                    reply_to=msg)

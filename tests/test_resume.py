@@ -116,6 +116,7 @@ def test_a_resumed_run_ends_bit_for_bit_as_the_uninterrupted_one(uninterrupted, 
     assert (out / "checkpoint" / "checkpoint.json").is_file()
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)  # the killed folder stays for the damaged-checkpoint tests
+    run_key = json.loads((out / "checkpoint" / "checkpoint.json").read_text())["server"]["run-key"]
     proc = subprocess.run(cli("simulate", "--resume", str(resumed)), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"(resumed after round {k})" in proc.stdout
@@ -126,6 +127,8 @@ def test_a_resumed_run_ends_bit_for_bit_as_the_uninterrupted_one(uninterrupted, 
     resumed_ckpt = json.loads((resumed / "checkpoint" / "checkpoint.json").read_text())
     assert resumed_ckpt["adapter"][1] == whole_ckpt["adapter"][1]  # SHA-256 of the global adapter tensors
     assert resumed_ckpt["clients"] == whole_ckpt["clients"]  # every client's final state, byte for byte
+    assert resumed_ckpt["server"].pop("run-key") == run_key  # the run keeps its name; each run has its own
+    whole_ckpt["server"].pop("run-key")
     assert resumed_ckpt["server"] == whole_ckpt["server"]  # sampling RNG, versions, epsilons
     assert without_timing(rows(resumed / "metrics.jsonl")) == without_timing(rows(uninterrupted / "metrics.jsonl"))
     assert [r["round"] for r in rows(resumed / "metrics.jsonl")] == [0, 1, 2, 3, 4]
@@ -251,7 +254,7 @@ def test_a_round_below_min_clients_stops_the_run_with_its_reason(tmp_path, tiny_
 
 def test_a_dead_worker_stops_the_run_which_then_resumes_to_the_end(tmp_path, tiny_model_dir):
     out = tmp_path / "worker"
-    args = ["--clients", "3", "--clients-per-round", "2", "--rounds", "12", "--local-steps", "1", "--batch-size", "16",
+    args = ["--clients", "3", "--clients-per-round", "2", "--rounds", "8", "--local-steps", "1", "--batch-size", "16",
             "--max-train-examples", "240", "--max-test-examples", "32", "--epsilon", "inf", "--out", str(out)]
     proc = subprocess.Popen(cli("simulate", "--model", tiny_model_dir, *args), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -273,7 +276,7 @@ def test_a_dead_worker_stops_the_run_which_then_resumes_to_the_end(tmp_path, tin
 
     done = subprocess.run(cli("simulate", "--resume", str(out)), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert [r["round"] for r in rows(out / "metrics.jsonl")] == list(range(13))
+    assert [r["round"] for r in rows(out / "metrics.jsonl")] == list(range(9))
     assert all(r["clients-failed"] == 0 for r in rows(out / "metrics.jsonl")[1:])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] is True and summary["resumed-after-rounds"] == [stopped_after]
@@ -312,7 +315,7 @@ out = "{results}"
 model = "{tiny_model_dir}"
 clients = 3
 clients-per-round = 3
-rounds = 12
+rounds = 8
 local-steps = 1
 batch-size = 16
 max-train-examples = 240
@@ -339,7 +342,7 @@ seed = [1]
     again = subprocess.run(cli("sweep", str(sweep)), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     metrics = rows(run / "metrics.jsonl")
-    assert [r["round"] for r in metrics] == list(range(13))  # one row per round: nothing doubled or lost
+    assert [r["round"] for r in metrics] == list(range(9))  # one row per round: nothing doubled or lost
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] is True and summary["resumed-after-rounds"] == [interrupted_at]
     report = subprocess.run(cli("report", str(results)), capture_output=True, text=True, timeout=300)
