@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 from fedortho.config import ConfigError, RunConfig
 from fedortho.guardian import die_with_parent
-from fedortho.runs import folder_in_use, write_json_atomic
+from fedortho.runs import folder_in_use, json_safe, write_json_atomic
 
 STATUS = "status.json"
 RUN = "run"
@@ -313,7 +313,7 @@ def _clear(folder: Path, cell: Cell) -> None:
 
 def _same_settings(folder: Path, cell: Cell) -> bool:
     try:
-        return json.loads((folder / "cell.json").read_text())["settings"] == json.loads(json.dumps(cell.settings))
+        return json.loads((folder / "cell.json").read_text())["settings"] == json_safe(cell.settings)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -306,6 +306,10 @@ def test_ctrl_c_and_sigterm_end_with_one_line_and_no_ray_process(tmp_path, tiny_
 
 
 def test_a_sweep_killed_mid_cell_takes_its_cell_along_and_continues_it_cleanly(tmp_path, tiny_model_dir):
+    """A real two-cell sweep through the command line, killed with SIGKILL in its first cell."""
+    from fedortho.runs import folder_in_use
+    from fedortho.sweep import load_sweep
+
     sweep = tmp_path / "kill.toml"
     results = tmp_path / "results"
     sweep.write_text(f"""[sweep]
@@ -321,9 +325,10 @@ batch-size = 16
 max-train-examples = 240
 max-test-examples = 32
 [grid]
-seed = [1]
+epsilon = [inf, 6.0]
 """)
-    run = results / "seed-1" / "run"
+    first, second = (results / cell.name for cell in load_sweep(sweep).cells())
+    run = first / "run"
     proc = subprocess.Popen(cli("sweep", str(sweep)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: checkpoint_round(run) >= 2, proc)
@@ -335,15 +340,23 @@ seed = [1]
         if proc.poll() is None:
             proc.kill()
     assert all_gone(started) == []  # the cell's process, its Ray and its guardian
-    from fedortho.runs import folder_in_use
-
     assert not folder_in_use(run)
     interrupted_at = checkpoint_round(run)
+    dry = subprocess.run(cli("sweep", str(sweep), "--dry-run"), capture_output=True, text=True, timeout=120)
+    assert dry.stdout.count("todo") == 2
+
     again = subprocess.run(cli("sweep", str(sweep)), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "2/2 cells" in again.stdout
     metrics = rows(run / "metrics.jsonl")
     assert [r["round"] for r in metrics] == list(range(9))  # one row per round: nothing doubled or lost
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] is True and summary["resumed-after-rounds"] == [interrupted_at]
+    assert json.loads((second / "run" / "summary.json").read_text())["completed"] is True
+    dry = subprocess.run(cli("sweep", str(sweep), "--dry-run"), capture_output=True, text=True, timeout=120)
+    assert dry.stdout.count("done") == 2
     report = subprocess.run(cli("report", str(results)), capture_output=True, text=True, timeout=300)
     assert report.returncode == 0 and "left out" not in report.stdout + report.stderr
+    assert report.stdout.count("\n| ") == 2  # header separator aside: one row per cell
+    table = (results / "results.csv").read_text().splitlines()
+    assert len(table) == 3 and any(line.startswith("inf,1,") for line in table[1:])

@@ -264,35 +264,6 @@ def test_report_gives_the_expected_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_real_sweep_through_the_cli(tmp_path, tiny_model_dir):
-    path = write(tmp_path, f"""
-[sweep]
-name = "tiny"
-out = "{tmp_path / 'results'}"
-[base]
-model = "{tiny_model_dir}"
-rounds = 1
-clients = 3
-clients-per-round = 3
-local-steps = 1
-batch-size = 16
-max-train-examples = 240
-max-test-examples = 64
-[grid]
-epsilon = [6.0, inf]
-""")
-    cli = [sys.executable, "-m", "fedortho.cli"]
-    proc = subprocess.run(cli + ["sweep", str(path)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "2/2 cells" in proc.stdout
-    again = subprocess.run(cli + ["sweep", str(path), "--dry-run"], capture_output=True, text=True, timeout=120)
-    assert again.stdout.count("done") == 2
-    proc = subprocess.run(cli + ["report", str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.count("\n| ") == 2  # header separator aside: 2 rows
-    rows = (tmp_path / "results" / "results.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[2].startswith("inf,1,")
-
-
 def test_many_groups_are_plotted_in_one_panel_per_value_of_the_first_varying_key():
     from fedortho.report import Group, _panels
 
