@@ -35,6 +35,7 @@ bench: setup
 	$(PY) benchmarks/bench_refactorize.py
 	$(PY) benchmarks/bench_optimizers.py
 	$(PY) benchmarks/bench_deployment.py
+	$(PY) benchmarks/bench_checkpoint.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

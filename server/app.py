@@ -36,7 +36,9 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
     """
     set_threads(cfg)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
-    checkpoint = load_checkpoint(out) if resume else None
+    # the clients' files were verified before the run started (fedortho simulate --resume) and are
+    # verified again as each client is sampled
+    checkpoint = load_checkpoint(out, verify_clients=False) if resume else None
     if checkpoint is not None:
         check_resumable(checkpoint, cfg)
         recorder = RunRecorder(cfg, out, resume=(checkpoint.round, float(checkpoint.run.get("seconds", 0.0))))
