@@ -193,6 +193,19 @@ def _forget(context: Context) -> None:
         del context.state[key]
 
 
+def _client_of(round_config, node: NodeSettings, cfg: RunConfig, travels: bool) -> tuple[int, int]:
+    """(partition, number of partitions) this message asks to train. A simulated node is a
+    worker and trains whichever client it is sent (its state came with the message); a
+    deployed node trains only its own partition."""
+    asked = round_config.get(protocol.PARTITION)
+    if travels and asked is not None:
+        return int(asked), cfg.clients
+    if asked is not None and int(asked) != node.partition_id:
+        raise NodeConfigError(f"this node holds partition {node.partition_id}, the server asks it to train "
+                              f"partition {int(asked)}; refusing")
+    return node.partition_id, node.num_partitions
+
+
 def _kept_records(context: Context) -> list:
     """This client's state but the held tensors, which the server sends again to a node that
     does not hold them."""
@@ -223,7 +236,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         _restore_from_disk(node, run_key, context)
     cfg = _config(msg, node, context)
-    partition_id, num_partitions = node.partition_id, node.num_partitions
+    partition_id, num_partitions = _client_of(round_config, node, cfg, travels)
     maybe_fail(cfg.seed, int(round_config[protocol.SERVER_ROUND]), partition_id, cfg.fail_rate)
     version = int(round_config[protocol.HELD_VERSION])
     received = msg.content[protocol.ARRAYS].to_torch_state_dict()

@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                           "(default: 1)")
     sim.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (default: start one)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own log lines")
+    sim.add_argument("--nodes", type=int, default=0,
+                     help="simulated SuperNodes: workers that train whichever clients are sampled (default: "
+                          "clients-per-round); results do not depend on it")
     sim.add_argument("--resume", metavar="RUN_DIR", default=None,
                      help="continue the run in RUN_DIR after its last complete round, with its own settings; it "
                           "ends as the uninterrupted run would")
@@ -234,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
 
         guard_this_process()  # Ray's processes end with this one, even if it is killed with SIGKILL
         _stop_cleanly_on_signals()
+        if args.nodes < 0:
+            raise ConfigError(f"--nodes must be >= 1 (0: clients-per-round), got {args.nodes}")
         simulate(cfg, args.client_cpus, args.ray_address, args.verbose, resume=resuming,
-                 on_ray_started=_stop_cleanly_on_signals)
+                 on_ray_started=_stop_cleanly_on_signals, nodes=args.nodes)
         return 0
     except (ConfigError, DataError, ModelLoadError, FileNotFoundError, NodeWorkerError, CheckpointError) as exc:
         print(f"fedortho: error: {exc}", file=sys.stderr)

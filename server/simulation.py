@@ -11,9 +11,15 @@ from fedortho.config import RunConfig
 
 
 def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbose: bool, resume: bool = False,
-             on_ray_started: Callable[[], None] | None = None) -> None:
-    """Run a Flower simulation (Ray) of ``cfg`` with ``cfg.clients`` virtual SuperNodes
-    (``resume``: continue the run in ``cfg.out`` after its checkpoint). ``on_ray_started`` is
+             on_ray_started: Callable[[], None] | None = None, nodes: int = 0) -> None:
+    """Run a Flower simulation (Ray) of ``cfg`` (``resume``: continue the run in ``cfg.out``
+    after its checkpoint).
+
+    Clients are data, simulated SuperNodes are workers: ``nodes`` of them (default: one per
+    client of a round, so a round's messages go out in one look of Flower's engine) train
+    whichever clients the server samples, their states travelling with the messages. The
+    population can be far larger than the nodes, and the result does not depend on their
+    number. ``on_ray_started`` is
     called once Ray runs, before any round: Ray replaces the process's SIGTERM handler when
     it starts, so handlers of the caller's own are installed (again) there."""
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -43,7 +49,8 @@ def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbos
     if on_ray_started is not None:
         on_ray_started()
     backend_config = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}, "init_args": init_args}
-    run_simulation(server_app=make_server_app(cfg, resume), client_app=client_app, num_supernodes=cfg.clients,
+    nodes = nodes or min(cfg.clients, cfg.clients_per_round)
+    run_simulation(server_app=make_server_app(cfg, resume), client_app=client_app, num_supernodes=nodes,
                    backend_config=backend_config, verbose_logging=verbose)
 
 

@@ -131,14 +131,23 @@ class LoRAStrategy(FedAvg):
                             holder)
             self.partition_of_node[node] = partition
 
-    def sample(self, grid: Grid) -> list[int]:
-        """``clients-per-round`` nodes, chosen by partition from the seed alone.
+    def sample(self, grid: Grid) -> list[tuple[int, int]]:
+        """(partition, node) of each of the round's ``clients-per-round`` clients, chosen by
+        partition from the seed alone.
 
-        If too few partitions are available because known ones lost their node (a SuperNode
-        that died and may come back) or a node's claim waits for its old node to go, the
-        round waits for them (up to CLIENT_WAIT_SECONDS); if nothing can change that, it
-        fails at once, naming the nodes that refused and why.
+        Simulation (the clients' states travel): clients are data, nodes are workers. No node
+        is asked anything before round 1, and the chosen partitions go to the simulated nodes
+        in turn, however many there are. Deployment: a node owns one partition, learned at
+        discovery (``_discover``). If too few partitions are available because known ones lost
+        their node (a SuperNode that died and may come back) or a node's claim waits for its
+        old node to go, the round waits for them (up to CLIENT_WAIT_SECONDS); if nothing can
+        change that, it fails at once, naming the nodes that refused and why.
         """
+        if self.client_states is not None:
+            nodes = self._workers(grid)
+            chosen = sorted(int(p) for p in self.rng.choice(self.cfg.clients, size=self.cfg.clients_per_round,
+                                                              replace=False))
+            return [(p, nodes[i % len(nodes)]) for i, p in enumerate(chosen)]
         deadline = time.time() + CLIENT_WAIT_SECONDS
         last_note = 0.0
         while True:
@@ -157,9 +166,16 @@ class LoRAStrategy(FedAvg):
                             len(by_partition), self.cfg.clients_per_round, sorted(gone) or "-")
                 last_note = time.time()
             time.sleep(5)  # each look asks the undecided nodes again: one ClientApp process each
-        partitions = sorted(by_partition)
-        chosen = self.rng.choice(partitions, size=self.cfg.clients_per_round, replace=False)
-        return [by_partition[int(p)] for p in sorted(chosen)]
+        chosen = self.rng.choice(sorted(by_partition), size=self.cfg.clients_per_round, replace=False)
+        return [(int(p), by_partition[int(p)]) for p in sorted(chosen)]
+
+    def _workers(self, grid: Grid) -> list[int]:
+        deadline = time.time() + CLIENT_WAIT_SECONDS
+        while not (nodes := sorted(grid.get_node_ids())):
+            if time.time() > deadline:
+                raise RuntimeError(f"no simulated node connected within {CLIENT_WAIT_SECONDS}s")
+            time.sleep(0.1)
+        return nodes
 
     # -- one round ----------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -172,14 +188,14 @@ class LoRAStrategy(FedAvg):
                     protocol.HELD_VERSION: self.held_version, protocol.STATE_TRAVELS: travels,
                     protocol.RUN_KEY: self.run_key}
         messages = []
-        for node in self.sample(grid):
-            partition = self.partition_of_node[node]
+        for partition, node in self.sample(grid):
             up_to_date = not travels and self.held_version_at_node.get(node) == self.held_version
             payload = {k: v for k, v in state.items() if not (up_to_date and k in held)}
             seen = self.epsilon_of_partition.get(partition, 0.0)
             client_state = _state_records(self.client_states.get(partition)) if travels else {}
             content = RecordDict({protocol.ARRAYS: ArrayRecord(payload),
-                                  protocol.CONFIG: ConfigRecord({**settings, protocol.EPSILON_SEEN: seen}),
+                                  protocol.CONFIG: ConfigRecord({**settings, protocol.EPSILON_SEEN: seen,
+                                                                 protocol.PARTITION: partition}),
                                   **client_state})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         self._global = state
@@ -190,23 +206,23 @@ class LoRAStrategy(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         return []  # the server evaluates the global model on the held-out test split itself
 
-    def _read_reply(self, reply: Message, node: int, expected: dict[str, torch.Tensor], who: str):
+    def _read_reply(self, reply: Message, node: int, partition: int, expected: dict[str, torch.Tensor], who: str):
         """(update, weight, train loss) of a usable reply; None if the client sat out; raises if bad."""
         info = reply.content[protocol.METRICS]
         epsilon = float(info["epsilon"])
         if math.isnan(epsilon):
             raise AggregationError("reported epsilon is NaN")
-        self.epsilon_of_partition[self.partition_of_node[node]] = epsilon
+        self.epsilon_of_partition[partition] = epsilon
         self.held_version_at_node[node] = int(info[protocol.HELD_VERSION])
         if int(info.get("budget-exhausted", 0)):
-            self.last_clients.append(_client_row(self.partition_of_node[node], info))
+            self.last_clients.append(_client_row(partition, info))
             return None
         weight = float(info["num-examples"])
         if not (math.isfinite(weight) and weight > 0):
             raise AggregationError(f"num-examples must be a positive number, got {weight}")
         update = reply.content[protocol.ARRAYS].to_torch_state_dict()
         check_update(update, expected, who)
-        self.last_clients.append(_client_row(self.partition_of_node[node], info))  # only what was used
+        self.last_clients.append(_client_row(partition, info))  # only what was used
         return update, weight, float(info.get("train-loss", math.nan))  # absent under DP
 
     def aggregate_train(self, server_round: int,
@@ -217,8 +233,10 @@ class LoRAStrategy(FedAvg):
         losses, exhausted, failures = [], 0, []
         self.last_clients = []
         for reply in replies:
-            node = recipient(reply, self._sent)
-            who = f"client {self.partition_of_node.get(node, node)}"
+            sent = answered(reply, self._sent)
+            node = sent.metadata.dst_node_id if sent is not None else reply.metadata.src_node_id
+            partition = int(sent.content[protocol.CONFIG][protocol.PARTITION]) if sent is not None else -1
+            who = f"client {partition}"
             if reply.has_error():
                 lost = worker_lost(reply)
                 if lost:  # Flower's simulation engine would hand every later client to the dead worker
@@ -229,9 +247,9 @@ class LoRAStrategy(FedAvg):
                 continue
             if self.client_states is not None and (client_state := _reply_state(reply)):
                 # kept even if the update is rejected below: the privacy it spent stays spent
-                self.client_states.put(self.partition_of_node[node], client_state)
+                self.client_states.put(partition, client_state)
             try:
-                read = self._read_reply(reply, node, expected, who)
+                read = self._read_reply(reply, node, partition, expected, who)
             except (AggregationError, KeyError, TypeError, ValueError) as exc:
                 failures.append(f"rejected reply of {who}: {str(exc).removeprefix(f'{who}: ')}")
                 self.held_version_at_node.pop(node, None)
@@ -240,10 +258,10 @@ class LoRAStrategy(FedAvg):
             if read is None:
                 exhausted += 1
                 logger.warning("%s sat the round out: privacy budget exhausted (epsilon %.3f)", who,
-                               self.epsilon_of_partition[self.partition_of_node[node]])
+                               self.epsilon_of_partition[partition])
                 continue
             update, weight, loss = read
-            accepted.append((self.partition_of_node[node], update, weight))
+            accepted.append((partition, update, weight))
             if math.isfinite(loss):  # NaN under DP, or when every Poisson batch came out empty
                 losses.append((loss, weight))
         accepted.sort(key=lambda item: item[0])  # a fixed summation order keeps runs reproducible
@@ -298,17 +316,20 @@ def worker_lost(reply: Message) -> str | None:
     return match.group(1) if match and match.group(1) in WORKER_LOST_ERRORS else None
 
 
-def recipient(reply: Message, sent: list[Message]) -> int:
-    """The node a reply answers for: the recipient of the message it replies to.
+def answered(reply: Message, sent: list[Message]) -> Message | None:
+    """The message a reply answers (its recipient is the node, its partition the client).
 
     Not ``reply.metadata.src_node_id``: when a node dies, the SuperLink answers in its place
     with an error reply that carries the SuperLink's own id there.
     """
     wanted = reply.metadata.reply_to_message_id
-    for message in sent:
-        if message.metadata.message_id == wanted:
-            return message.metadata.dst_node_id
-    return reply.metadata.src_node_id  # not one of ours (cannot happen with Flower's Grids)
+    return next((m for m in sent if m.metadata.message_id == wanted), None)
+
+
+def recipient(reply: Message, sent: list[Message]) -> int:
+    """The node a reply answers for: the recipient of the message it replies to."""
+    message = answered(reply, sent)
+    return message.metadata.dst_node_id if message is not None else reply.metadata.src_node_id
 
 
 def error_line(reply: Message) -> str:

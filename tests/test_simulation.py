@@ -86,12 +86,18 @@ def test_saved_adapter_reproduces_the_evaluated_accuracy(first_run, tiny_model_d
     assert loss == pytest.approx(final["test-loss"], rel=1e-5)
 
 
-def test_same_seed_same_result(first_run, tmp_path, tiny_model_dir, hf_dataset_dir):
+def test_same_seed_same_result_with_any_number_of_simulated_nodes(first_run, tmp_path, tiny_model_dir,
+                                                                   hf_dataset_dir):
+    """Clients are data, nodes are workers: one simulated node training all 3 clients in turn
+    gives the run of one node per client (the default here, 3 per round), bit for bit."""
     out, _ = first_run
     again = tmp_path / "b"
-    simulate(again, tiny_model_dir, hf_dataset_dir)
+    simulate(again, tiny_model_dir, hf_dataset_dir, "--nodes", "1")
     keys = ("test-accuracy", "test-loss", "train-loss", "epsilon")
     assert [[r.get(k) for k in keys] for r in rows(again)] == [[r.get(k) for k in keys] for r in rows(out)]
+    assert (again / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (again / "privacy.jsonl").read_text() == (out / "privacy.jsonl").read_text()
 
 
 def test_bad_option_is_one_clear_line(tmp_path):

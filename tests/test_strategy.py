@@ -597,3 +597,27 @@ def test_a_damaged_node_state_file_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(CheckpointError, match=f"node state file {path} is damaged"):
         load_node_state(tmp_path, "key")
+
+
+def test_a_deployed_node_refuses_to_train_a_partition_it_does_not_hold(tiny_cfg):
+    """Nodes 100 and 101 swap partitions after discovery: the server still sends each the
+    partition it learned, and each refuses; node 102 trains."""
+    import logging
+
+    from fedortho.runs import get_logger
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    get_logger().addHandler(handler)
+
+    def swap(grid, server_round):
+        grid.contexts[100].node_config["partition-id"], grid.contexts[101].node_config["partition-id"] = 1, 0
+
+    try:
+        _, _, rounds = start(tiny_cfg.replace(rounds=1, epsilon=math.inf), LocalGrid(3, before_round=swap))
+    finally:
+        get_logger().removeHandler(handler)
+    assert rounds[0]["clients-replied"] == 1 and rounds[0]["clients-failed"] == 2
+    assert "client 0 failed: NodeConfigError: this node holds partition 1, the server asks it to train partition 0; " \
+           "refusing" in lines
