@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 
 from fedortho.config import RunConfig
-from fedortho.runs import json_safe, write_json_atomic
+from fedortho.runs import json_safe, write_bytes_atomic, write_json_atomic
 
 FORMAT = 1
 FOLDER = "checkpoint"
@@ -48,15 +47,6 @@ class CheckpointError(RuntimeError):
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _dump(value: Any) -> bytes:
@@ -84,9 +74,6 @@ class ClientStates:
         self.files = dict(files or {})  # partition -> (file name, sha256) of its committed state
         self.pending: dict[int, ClientState] = {}
 
-    def __len__(self) -> int:
-        return len(set(self.files) | set(self.pending))
-
     def get(self, partition: int) -> ClientState | None:
         if partition in self.pending:
             return self.pending[partition]
@@ -106,7 +93,7 @@ class ClientStates:
         for partition, state in sorted(self.pending.items()):
             name = f"p{partition}-r{server_round}.pt"
             data = _dump(state)
-            _write_synced(self.folder / name, data)
+            write_bytes_atomic(self.folder / name, data)
             if partition in files and files[partition][0] != name:
                 superseded.append(self.folder / files[partition][0])
             files[partition] = (name, _sha256(data))
@@ -140,7 +127,7 @@ def save_checkpoint(run_dir: Path, server_round: int, config: dict[str, Any], ad
     previous = _read_index(folder) if (folder / INDEX).exists() else None
     server_name = f"server-r{server_round}.pt"
     data = _dump({k: v.contiguous() for k, v in adapter.items()})
-    _write_synced(folder / server_name, data)
+    write_bytes_atomic(folder / server_name, data)
     files, superseded = clients.write_pending(server_round)
     index = {
         "format": FORMAT, "round": server_round, "config": config, "server": server, "run": run,
@@ -207,7 +194,7 @@ def node_state_file(folder: str | Path, run_key: str) -> Path:
 def save_node_state(folder: str | Path, run_key: str, server_round: int, state: ClientState) -> None:
     """Replace the node's state for the run, synced: a crash leaves the old state or the new."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    _write_synced(node_state_file(folder, run_key), _dump({"run-key": run_key, "round": server_round,
+    write_bytes_atomic(node_state_file(folder, run_key), _dump({"run-key": run_key, "round": server_round,
                                                           "state": state}))
 
 

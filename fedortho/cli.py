@@ -101,9 +101,7 @@ def resume_config(run_dir: str, args: argparse.Namespace) -> RunConfig:
 def check_out_folder(out, create: bool) -> None:
     """``--out`` must be absent or empty (a run never writes into another's files) and, with
     ``create``, writable: it is made, and a file is written in it and removed."""
-    import tempfile
-
-    from fedortho.runs import folder_in_use, holds_files
+    from fedortho.runs import folder_in_use, holds_files, writable_folder
 
     if folder_in_use(out):
         raise ConfigError(f"run folder {out} is being written by another run; choose another --out")
@@ -114,9 +112,7 @@ def check_out_folder(out, create: bool) -> None:
     if not create:
         return
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        writable_folder(out)
     except OSError as exc:
         raise ConfigError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
 
@@ -228,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in RunConfig().to_dict(hyphenated=True).items():
                 print(f"{key} = {_toml(value)}")
             return 0
+        if args.nodes < 0:
+            raise ConfigError(f"--nodes must be >= 1 (0: clients-per-round), got {args.nodes}")
         resuming = bool(args.resume)
         cfg = resume_config(args.resume, args) if resuming else _config_from_args(args)
         preflight(cfg, resuming)
@@ -237,8 +235,6 @@ def main(argv: list[str] | None = None) -> int:
 
         guard_this_process()  # Ray's processes end with this one, even if it is killed with SIGKILL
         _stop_cleanly_on_signals()
-        if args.nodes < 0:
-            raise ConfigError(f"--nodes must be >= 1 (0: clients-per-round), got {args.nodes}")
         simulate(cfg, args.client_cpus, args.ray_address, args.verbose, resume=resuming,
                  on_ray_started=_stop_cleanly_on_signals, nodes=args.nodes)
         return 0

@@ -122,12 +122,9 @@ class NodeSettings:
 
 
 def _check_writable_folder(path: str) -> None:
-    import tempfile
-    from pathlib import Path
+    from fedortho.runs import writable_folder
 
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        writable_folder(path)
     except OSError as exc:
         raise NodeConfigError(f"state-path {path} is not a writable folder ({exc.strerror or exc})") from None

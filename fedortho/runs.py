@@ -75,12 +75,12 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write ``value`` as strict JSON whole or not at all, synced to disk: a kill or a power
-    loss mid-write leaves the old file, never a half-written one."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all, synced to disk: a kill or a power loss
+    mid-write leaves the old file, never a half-written one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(json_safe(value), indent=2) + "\n")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -89,6 +89,20 @@ def write_json_atomic(path: Path, value: Any) -> None:
         os.fsync(directory)  # the rename itself survives a power loss
     finally:
         os.close(directory)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """``write_bytes_atomic`` of ``value`` as strict JSON."""
+    write_bytes_atomic(path, (json.dumps(json_safe(value), indent=2) + "\n").encode())
+
+
+def writable_folder(path: Path) -> None:
+    """Make ``path`` (with its parents) and write a file in it; raises OSError if it cannot."""
+    import tempfile
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+        pass
 
 
 def diagnostics_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -155,12 +169,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.writelines(json.dumps(json_safe(row)) + "\n" for row in rows)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, "".join(json.dumps(json_safe(row)) + "\n" for row in rows).encode())
 
 
 def finish_interrupted_runs() -> list[Path]:

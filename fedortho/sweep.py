@@ -260,7 +260,7 @@ def _run_cli(args: list[str], folder: Path, append: bool) -> int:
     finally:
         with _CHILDREN_LOCK:
             _CHILDREN.discard(proc)
-        _end_group(proc.pid, grace=0)  # whatever the cell left behind in its group
+        _kill_group(proc.pid)  # whatever the cell left behind in its group
 
 
 def _raise_on_failure(code: int, folder: Path) -> None:
@@ -270,20 +270,12 @@ def _raise_on_failure(code: int, folder: Path) -> None:
         raise RuntimeError((errors or lines or [f"exit code {code}"])[-1])
 
 
-def _end_group(pgid: int, grace: float) -> None:
-    """SIGTERM a cell's process group, then SIGKILL what is left after ``grace`` seconds."""
-    for sig, wait_s in ((signal.SIGTERM, grace), (signal.SIGKILL, 0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + wait_s
-        while time.time() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
+def _kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a cell's process group (its leader has exited or had its grace)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def stop_cells() -> None:
@@ -300,7 +292,7 @@ def stop_cells() -> None:
             proc.wait(timeout=STOP_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
             pass
-        _end_group(proc.pid, grace=0)
+        _kill_group(proc.pid)
 
 
 def _clear(folder: Path, cell: Cell) -> None:

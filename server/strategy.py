@@ -234,7 +234,7 @@ class LoRAStrategy(FedAvg):
         self.last_clients = []
         for reply in replies:
             sent = answered(reply, self._sent)
-            node = sent.metadata.dst_node_id if sent is not None else reply.metadata.src_node_id
+            node = recipient(reply, self._sent)
             partition = int(sent.content[protocol.CONFIG][protocol.PARTITION]) if sent is not None else -1
             who = f"client {partition}"
             if reply.has_error():
