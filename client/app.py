@@ -55,6 +55,10 @@ STATE_PARTICIPATION = "participation"  # rounds this client trained in this run
 # only in simulation (``fedortho simulate`` sets this variable for its workers) or when its
 # node config says ``report-diagnostics=true``.
 DIAGNOSTICS_ENV = "FEDORTHO_REPORT_DIAGNOSTICS"
+# Set (by ``fedortho simulate``) only in a simulation's workers: there a client's state travels
+# with its messages. A deployed node keeps its own and never takes a privacy history from the
+# server, which could otherwise hand it a fresh budget.
+SIMULATION_ENV = "FEDORTHO_SIMULATION"
 
 
 def _node(context: Context) -> NodeSettings:
@@ -167,6 +171,16 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(RecordDict({protocol.INFO: ConfigRecord(info)}), reply_to=msg)
 
 
+@app.query(protocol.WARM_UP)
+def warm_up(msg: Message, context: Context) -> Message:
+    """Simulation: build the model, read the data and plan the noise in this worker process
+    now, while the server evaluates round 0 (``fedortho.worker.warm_up``)."""
+    from fedortho.worker import warm_up as warm_up_worker
+
+    warm_up_worker(_run_config(msg))
+    return Message(RecordDict({protocol.INFO: ConfigRecord({})}), reply_to=msg)
+
+
 def _run_label_names(msg: Message) -> tuple[str, ...] | None:
     names = msg.content[protocol.CONFIG].get(protocol.LABEL_NAMES)
     return None if names is None else tuple(str(n) for n in names)
@@ -230,6 +244,9 @@ def train(msg: Message, context: Context) -> Message:
     node = _node(context)
     round_config = msg.content[protocol.CONFIG]
     travels = bool(round_config.get(protocol.STATE_TRAVELS, False))
+    if travels and os.environ.get(SIMULATION_ENV) != "1":
+        raise NodeConfigError("the server sent this client's state with the message; a deployed node keeps its "
+                              "own state and privacy history, refusing")
     run_key = str(round_config.get(protocol.RUN_KEY, ""))
     if travels:
         _restore_travelling_state(msg, context)

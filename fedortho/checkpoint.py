@@ -55,14 +55,18 @@ def _dump(value: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _read_verified(path: Path, sha256: str) -> Any:
+def _verified_bytes(path: Path, sha256: str) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"checkpoint file {path} cannot be read ({exc.strerror or exc})") from None
     if _sha256(data) != sha256:
         raise CheckpointError(f"checkpoint file {path} is damaged (its SHA-256 does not match {INDEX})")
-    return torch.load(io.BytesIO(data), weights_only=True)
+    return data
+
+
+def _read_verified(path: Path, sha256: str) -> Any:
+    return torch.load(io.BytesIO(_verified_bytes(path, sha256)), weights_only=True)
 
 
 class ClientStates:
@@ -167,9 +171,9 @@ def load_checkpoint(run_dir: Path, verify_clients: bool = True) -> Checkpoint:
     index = _read_index(folder)
     adapter = _read_verified(folder / index["adapter"][0], index["adapter"][1])
     clients = ClientStates(folder / "clients", {int(p): tuple(e) for p, e in index["clients"].items()})
-    if verify_clients:
-        for partition in sorted(clients.files):
-            clients.get(partition)
+    if verify_clients:  # checksums only: each state is unpickled when its client is sampled
+        for name, sha256 in sorted(clients.files.values()):
+            _verified_bytes(clients.folder / name, sha256)
     return Checkpoint(round=int(index["round"]), config=dict(index["config"]), adapter=adapter,
                       server=dict(index["server"]), clients=clients, run=dict(index.get("run", {})))
 

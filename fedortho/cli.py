@@ -59,7 +59,7 @@ def preflight(cfg: RunConfig, resuming: bool = False) -> None:
     if cfg.private:  # the client with the fewest examples samples at the highest rate: the hardest plan
         from fedortho import privacy
 
-        smallest = min(len(data.client_indices(cfg, i, cfg.clients)) for i in range(cfg.clients))
+        smallest = data.smallest_partition(cfg, cfg.clients)
         steps = cfg.local_steps * privacy.planned_participations(cfg.rounds, cfg.clients, cfg.clients_per_round)
         try:
             privacy.check_plannable(cfg.epsilon, cfg.delta, privacy.sample_rate(smallest, cfg.batch_size), steps)
@@ -119,10 +119,9 @@ def check_out_folder(out, create: bool) -> None:
 
 def check_lora_rank(cfg: RunConfig) -> None:
     """Every LoRA target must be a linear layer with both sides at least ``lora-r``."""
-    from fedortho import data
-    from fedortho.models import load_classifier
+    from fedortho.models import model_skeleton
 
-    model = load_classifier(cfg.model, max(2, data.splits_for(cfg).num_labels), cfg.seed, cfg.pooling)
+    model = model_skeleton(cfg.model)
     found = False
     for name, module in model.named_modules():
         if name.split(".")[-1] in cfg.targets and isinstance(module, torch.nn.Linear):
@@ -169,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--client-cpus", type=float, default=1.0,
                      help="CPUs per simulated client (Ray resources): clients run in parallel on the free cores "
                           "(default: 1)")
-    sim.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (default: start one)")
+    sim.add_argument("--ray-address", default=None,
+                     help="attach to an existing Ray cluster (e.g. 'auto' or HEAD_IP:6379; see README, 'A Ray cluster') "
+                          "instead of starting one on this machine")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own log lines")
     sim.add_argument("--nodes", type=int, default=0,
                      help="simulated SuperNodes: workers that train whichever clients are sampled (default: "
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.nodes < 0:
             raise ConfigError(f"--nodes must be >= 1 (0: clients-per-round), got {args.nodes}")
+        if not args.client_cpus > 0:
+            raise ConfigError(f"--client-cpus must be > 0, got {args.client_cpus:g}")
         resuming = bool(args.resume)
         cfg = resume_config(args.resume, args) if resuming else _config_from_args(args)
         preflight(cfg, resuming)
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         _stop_cleanly_on_signals()
         simulate(cfg, args.client_cpus, args.ray_address, args.verbose, resume=resuming,
                  on_ray_started=_stop_cleanly_on_signals, nodes=args.nodes)
-        return 0
+        _exit_now(0)
     except (ConfigError, DataError, ModelLoadError, FileNotFoundError, NodeWorkerError, CheckpointError) as exc:
         print(f"fedortho: error: {exc}", file=sys.stderr)
         return 2
@@ -246,7 +249,18 @@ def main(argv: list[str] | None = None) -> int:
         what = "the simulation stopped: " if args.command == "simulate" else ""
         kind = "" if isinstance(cause, RunStopped) else f"{type(cause).__name__}: "
         print(f"fedortho: error: {what}{kind}{cause}", file=sys.stderr)
+        if args.command == "simulate":
+            _exit_now(1)
         return 1
+
+
+def _exit_now(code: int) -> None:
+    """End a simulation's process once its outputs are on disk (each written and synced as it
+    was made) and Ray is shut down: the interpreter's own teardown of Ray's and torch's native
+    state takes seconds and does nothing a finished run needs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _sweep(args: argparse.Namespace) -> int:

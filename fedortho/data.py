@@ -76,19 +76,23 @@ def _load_hf(name: str, text_column: str, label_column: str):
         if column not in first.column_names:
             raise DataError(f"dataset '{name}' has no column '{column}' (columns: {', '.join(first.column_names)})")
     feature = first.features[label_column]
-    values = sorted(set(first[label_column]))
-    if hasattr(feature, "num_classes"):
-        names, to_id = tuple(str(n) for n in feature.names), (lambda v: int(v))
-    else:  # arbitrary label values: number them in sorted order
-        lookup = {v: i for i, v in enumerate(values)}
-        names, to_id = tuple(str(v) for v in values), lookup.__getitem__
+    class_label = hasattr(feature, "num_classes")
+    values = sorted(_arrow_column(first, label_column).unique().to_pylist())
+    names = tuple(str(n) for n in feature.names) if class_label else tuple(str(v) for v in values)
 
     def columns(split):
-        unknown = sorted({v for v in split[label_column]} - set(values), key=str) if not hasattr(feature, "num_classes") else []
-        if unknown:
-            raise DataError(f"dataset '{name}' has label {unknown[0]!r} in a split that its training split lacks "
-                            f"(training labels: {', '.join(map(str, values))})")
-        return [str(t) for t in split[text_column]], np.array([to_id(v) for v in split[label_column]], dtype=np.int64)
+        # Columns are read through Arrow: a row-by-row read of a few hundred thousand rows takes seconds.
+        raw = _arrow_column(split, label_column)
+        if class_label:
+            labels = np.asarray(raw.to_numpy(), dtype=np.int64)
+        else:  # arbitrary label values: numbered in sorted order
+            unknown = sorted(set(raw.unique().to_pylist()) - set(values), key=str)
+            if unknown:
+                raise DataError(f"dataset '{name}' has label {unknown[0]!r} in a split that its training split "
+                                f"lacks (training labels: {', '.join(map(str, values))})")
+            lookup = {v: i for i, v in enumerate(values)}
+            labels = np.array([lookup[v] for v in raw.to_pylist()], dtype=np.int64)
+        return [str(t) for t in _arrow_column(split, text_column).to_pylist()], labels
 
     if "train" not in data:
         test_texts, test_labels = columns(data["test"])
@@ -98,6 +102,10 @@ def _load_hf(name: str, text_column: str, label_column: str):
         test_texts, test_labels = columns(data["test"])
         return train_texts, train_labels, test_texts, test_labels, names
     return train_texts, train_labels, None, None, names
+
+
+def _arrow_column(split, column: str):
+    return split.with_format("arrow")[column]
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,45 +169,92 @@ def splits_for(cfg: RunConfig) -> TextSplits:
                        cfg.max_train_examples, cfg.max_test_examples)
 
 
-@functools.lru_cache(maxsize=8)
-def partition_indices(labels: tuple[int, ...], num_partitions: int, partitioning: str,
-                      alpha: float, seed: int, min_size: int) -> tuple[np.ndarray, ...]:
-    """Split example indices over clients: label-Dirichlet (flwr-datasets) or IID."""
+def _data_key(cfg: RunConfig) -> tuple:
+    """The settings that fix the run's splits (``load_splits``' arguments)."""
+    return (cfg.dataset, cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.max_train_examples,
+            cfg.max_test_examples)
+
+
+def _min_partition_size(num_examples: int, num_partitions: int) -> int:
+    return min(10, max(1, num_examples // (2 * num_partitions)))
+
+
+@functools.lru_cache(maxsize=4)
+def _partitioner(data_key: tuple, num_partitions: int, partitioning: str, alpha: float, seed: int):
+    """The flwr-datasets partitioner of the training split, built once per process. A
+    partition is read from it only when asked for, so the cost of a population of clients is
+    its dataset, not the number of clients."""
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
+    labels = load_splits(*data_key).train_labels
+    min_size = _min_partition_size(len(labels), num_partitions)
     if len(labels) < num_partitions * min_size:
         raise DataError(f"{len(labels)} training examples cannot give {num_partitions} clients {min_size} each")
-    table = datasets.Dataset.from_dict({"label": list(labels), "index": list(range(len(labels)))})
+    table = datasets.Dataset.from_dict({"label": labels, "index": np.arange(len(labels), dtype=np.int64)})
     if partitioning == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
     else:
         partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha,
                                            min_partition_size=min_size, self_balancing=False, seed=seed)
     partitioner.dataset = table
+    return partitioner
+
+
+def _load_partition(partitioner, partition_id: int):
     try:
-        parts = tuple(np.sort(np.array(partitioner.load_partition(i)["index"], dtype=np.int64)) for i in range(num_partitions))
-    except ValueError as exc:
-        raise DataError(f"cannot partition {len(labels)} examples over {num_partitions} clients: {exc}") from exc
-    return parts
+        return partitioner.load_partition(partition_id)
+    except ValueError as exc:  # the Dirichlet draw cannot give every client min_size examples
+        raise DataError(f"cannot partition {len(partitioner.dataset)} examples over {partitioner.num_partitions} "
+                        f"clients: {exc}") from exc
+
+
+def _partition_args(cfg: RunConfig, num_partitions: int) -> tuple:
+    """``_partitioner``'s arguments: what fixes who holds which example."""
+    return _data_key(cfg), num_partitions, cfg.partitioning, cfg.dirichlet_alpha, cfg.seed
+
+
+def _indices(partition_args: tuple, partition_id: int) -> np.ndarray:
+    num_partitions = partition_args[1]
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} out of range for {num_partitions} partitions")
+    part = _load_partition(_partitioner(*partition_args), partition_id)
+    return np.sort(np.asarray(part.with_format("numpy")["index"], dtype=np.int64))
 
 
 def client_indices(cfg: RunConfig, partition_id: int, num_partitions: int) -> np.ndarray:
-    if not 0 <= partition_id < num_partitions:
-        raise DataError(f"partition-id {partition_id} out of range for {num_partitions} partitions")
-    labels = splits_for(cfg).train_labels
-    min_size = min(10, max(1, len(labels) // (2 * num_partitions)))
-    return partition_indices(tuple(int(x) for x in labels), num_partitions, cfg.partitioning,
-                             cfg.dirichlet_alpha, cfg.seed, min_size)[partition_id]
+    """Indices into the training split of client ``partition_id``'s examples (label-Dirichlet
+    partitioning as flwr-datasets draws it, or IID shards), sorted."""
+    return _indices(_partition_args(cfg, num_partitions), partition_id)
+
+
+def smallest_partition(cfg: RunConfig, num_partitions: int) -> int:
+    """The number of examples of the client with the fewest. IID shards are contiguous and
+    differ by at most one example, so the smallest holds ``examples // clients``, read off
+    without touching any client; Dirichlet partitions are all drawn at once by the
+    partitioner and counted."""
+    partitioner = _partitioner(*_partition_args(cfg, num_partitions))
+    if cfg.partitioning == "iid":
+        return len(partitioner.dataset) // num_partitions
+    return min(len(_load_partition(partitioner, i)) for i in range(num_partitions))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model: str):
+    from fedortho.models import load_tokenizer
+
+    return load_tokenizer(model)
+
+
+def _tokenize(model: str, texts, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = _tokenizer(model)(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                            return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
 
 
 @functools.lru_cache(maxsize=8)
 def _tokenized(model: str, texts: tuple[str, ...], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from fedortho.models import load_tokenizer
-
-    enc = load_tokenizer(model)(list(texts), padding="max_length", truncation=True, max_length=max_length,
-                                return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
+    return _tokenize(model, texts, max_length)
 
 
 def train_tensors(cfg: RunConfig) -> TensorDataset:
@@ -215,10 +270,18 @@ def test_tensors(cfg: RunConfig) -> TensorDataset:
 
 
 def client_dataset(cfg: RunConfig, partition_id: int, num_partitions: int) -> TensorDataset:
-    """The training examples of one client, as (input_ids, attention_mask, label) tensors."""
-    full = train_tensors(cfg)
-    idx = torch.from_numpy(client_indices(cfg, partition_id, num_partitions))
-    return TensorDataset(*(t[idx] for t in full.tensors))
+    """The training examples of one client, as (input_ids, attention_mask, label) tensors.
+    Only this client's texts are tokenized: a worker that trains a few of many clients never
+    tokenizes the whole dataset. The last clients' tensors are kept for their next round."""
+    return _client_dataset(_partition_args(cfg, num_partitions), cfg.model, cfg.max_length, partition_id)
+
+
+@functools.lru_cache(maxsize=64)
+def _client_dataset(partition_args: tuple, model: str, max_length: int, partition_id: int) -> TensorDataset:
+    idx = _indices(partition_args, partition_id)
+    splits = load_splits(*partition_args[0])
+    ids, mask = _tokenize(model, [splits.train_texts[i] for i in idx], max_length)
+    return TensorDataset(ids, mask, torch.from_numpy(splits.train_labels[idx]))
 
 
 @functools.lru_cache(maxsize=2)
@@ -267,5 +330,5 @@ def majority_rate(labels: np.ndarray) -> float:
 
 
 __all__ = ["DataError", "TextSplits", "splits_for", "client_dataset", "train_tensors", "test_tensors",
-           "stratified_split", "partition_indices", "client_indices", "majority_rate", "load_local", "local_dataset",
+           "stratified_split", "client_indices", "smallest_partition", "majority_rate", "load_local", "local_dataset",
            "export_partition"]

@@ -81,6 +81,20 @@ def check_model(name: str, pooling: str) -> str:
     return model_type
 
 
+def model_skeleton(name: str) -> torch.nn.Module:
+    """The model's architecture without its weights (on PyTorch's meta device): its layers'
+    names and shapes, at no cost in time or memory."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot build model '{name}' from its config: {_first_line(exc)}") from exc
+
+
 def load_classifier(name: str, num_labels: int, seed: int, pooling: str = "model") -> torch.nn.Module:
     """Sequence classifier (pooled output + linear head) with a head initialized from ``seed``.
 

@@ -42,6 +42,8 @@ EXHAUSTED_METRICS = ("num-examples", "budget-exhausted", "epsilon", HELD_VERSION
 DIAGNOSTIC_METRICS = ("clipped-fraction", "lora-grad-norm", "head-grad-norm", "grad-samples")
 NON_PRIVATE_METRICS = ("train-loss",)
 
+WARM_UP = "warm_up"  # the query action (message type "query.warm_up") that readies a simulation worker
+
 REFUSED = "refused"  # in a node's description: why it cannot take part in the run
 
 # Settings a deployed client may pin in its node config; it refuses a server that asks otherwise.

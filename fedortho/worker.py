@@ -94,3 +94,25 @@ def run_client_round(work: ClientWork) -> ClientResult:
     names = trainable_names(expected, cfg.strategy, cfg.train_head)
     seed = work.seed if work.seed is not None else round_seed(cfg.seed, work.server_round, work.partition_id)
     return train_client(model, dataset, cfg, names, work.history, seed, work.optimizer_state, work.prior)
+
+
+def warm_up(cfg: RunConfig) -> None:
+    """Do a worker's one-time work before its first client: build the model, read the
+    dataset and its partitioner, and plan the noise of the smallest client (a population of
+    equal IID shards then needs no other plan). A simulation asks every worker to do this
+    while its server evaluates round 0, so that round 1 costs what later rounds cost."""
+    from fedortho import privacy
+
+    set_threads(cfg)
+    shared_model(cfg)
+    data.splits_for(cfg)
+    smallest = data.smallest_partition(cfg, cfg.clients)
+    data.client_dataset(cfg, 0, cfg.clients)  # the tokenizer, and the data path a client takes
+    if cfg.private:
+        steps = cfg.local_steps * privacy.planned_participations(cfg.rounds, cfg.clients, cfg.clients_per_round)
+        try:
+            privacy.plan_noise_multiplier(cfg.epsilon, cfg.delta,
+                                          privacy.sample_rate(smallest, min(cfg.batch_size, smallest)), steps)
+        except ValueError:
+            pass  # an unplannable budget is the client's to report, in its round
+

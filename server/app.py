@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import HttpGrid
@@ -85,7 +86,9 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
                         {"seconds": round(time.time() - recorder.started, 2), "zero-shot-accuracy": zero_shot,
                          "resumed-after-rounds": recorder.resumed_after})
 
-    finished, stopped = False, None
+    # Simulation: the workers build their models while this process evaluates round 0.
+    warming = strategy.warm_up(grid) if state_travels else []
+    finished, stopped, startup = False, None, None
     try:
         if checkpoint is None:
             if cfg.head_init != "zero-shot":
@@ -94,6 +97,8 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
             after_round(0, initial)
         else:
             initial = ArrayRecord(checkpoint.adapter)
+        strategy.warmed_up(grid, warming)
+        startup = round(time.time() - psutil.Process().create_time(), 2)
         run_rounds(strategy, grid, initial, first, cfg.rounds, after_round)
         finished = True
     except RunStopped as exc:
@@ -101,6 +106,8 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
     finally:
         summary = recorder.finish({"majority-rate": data.majority_rate(data.splits_for(cfg).test_labels),
                                    "zero-shot-accuracy": zero_shot, "completed": finished,
+                                   # from this process's start to the first round it ran
+                                   "startup-seconds": startup,
                                    **({"stopped": stopped} if stopped else {})})
     if stopped:
         saved = max((r["round"] for r in recorder.rows), default=0)

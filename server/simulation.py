@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 
 from fedortho.config import RunConfig
@@ -22,19 +23,24 @@ def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbos
     process's SIGTERM handler when it starts, so handlers of the caller's own are installed
     (again) there."""
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a simulation sends nothing anywhere
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     import warnings
 
-    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    import ray
     from flwr.simulation import run_simulation
 
-    from client.app import DIAGNOSTICS_ENV, app as client_app
+    from client.app import DIAGNOSTICS_ENV, SIMULATION_ENV, app as client_app
     from server.app import make_server_app
 
-    # Simulated clients report gradient diagnostics; Ray's workers inherit the variable.
-    os.environ[DIAGNOSTICS_ENV] = "1"
+    # The workers' environment: simulated clients take their state from the message and report
+    # gradient diagnostics. Set in Ray's job environment, so that workers on every machine of a
+    # cluster have it, not only those started from this process.
+    worker_env = {SIMULATION_ENV: "1", DIAGNOSTICS_ENV: "1", "TOKENIZERS_PARALLELISM": "false",
+                  "FLWR_TELEMETRY_ENABLED": os.environ["FLWR_TELEMETRY_ENABLED"]}
+    os.environ.update(worker_env)
     warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
     if not verbose:
         # fedortho reports rounds and client problems itself; Flower's log lines (including
@@ -48,8 +54,11 @@ def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbos
         init_args["address"] = ray_address
     backend_config = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}, "init_args": init_args}
     # Ray starts here, as Flower's Ray backend starts it (the simulation's own backend then finds
-    # it running), so that ``on_ray_started`` runs after Ray has replaced the signal handlers.
-    RayBackend(backend_config)
+    # it running), so that ``on_ray_started`` runs after Ray has replaced the signal handlers;
+    # the backend's job environment (the driver's import path) gains the workers' variables.
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **worker_env}}, **init_args)
     if on_ray_started is not None:
         on_ray_started()
     nodes = nodes or min(cfg.clients, cfg.clients_per_round)

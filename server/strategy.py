@@ -169,6 +169,27 @@ class LoRAStrategy(FedAvg):
         chosen = self.rng.choice(sorted(by_partition), size=self.cfg.clients_per_round, replace=False)
         return [(int(p), by_partition[int(p)]) for p in sorted(chosen)]
 
+    def warm_up(self, grid: Grid) -> list[str]:
+        """Simulation: ask every simulated node to ready its worker (model, data, noise plan)
+        without waiting for it; ``warmed_up`` collects the replies before round 1."""
+        settings = ConfigRecord({k: v for k, v in self.cfg.to_dict(hyphenated=True).items()})
+        messages = [Message(content=RecordDict({protocol.CONFIG: settings}),
+                            message_type=f"{MessageType.QUERY}.{protocol.WARM_UP}", dst_node_id=node)
+                    for node in self._workers(grid)]
+        return list(grid.push_messages(messages))
+
+    def warmed_up(self, grid: Grid, message_ids: list[str]) -> None:
+        """Wait for the warm-up replies. A worker that failed to get ready is only noted: its
+        first client reports the real error, in its round."""
+        waiting, deadline = set(message_ids), time.time() + CLIENT_WAIT_SECONDS
+        while waiting and time.time() < deadline:
+            for reply in grid.pull_messages(list(waiting)):
+                waiting.discard(reply.metadata.reply_to_message_id)
+                if reply.has_error():
+                    logger.warning("a simulated node failed to get ready: %s", error_line(reply))
+            if waiting:
+                time.sleep(0.05)
+
     def _workers(self, grid: Grid) -> list[int]:
         deadline = time.time() + CLIENT_WAIT_SECONDS
         while not (nodes := sorted(grid.get_node_ids())):

@@ -86,18 +86,52 @@ def test_saved_adapter_reproduces_the_evaluated_accuracy(first_run, tiny_model_d
     assert loss == pytest.approx(final["test-loss"], rel=1e-5)
 
 
-def test_same_seed_same_result_with_any_number_of_simulated_nodes(first_run, tmp_path, tiny_model_dir,
-                                                                   hf_dataset_dir):
-    """Clients are data, nodes are workers: one simulated node training all 3 clients in turn
-    gives the run of one node per client (the default here, 3 per round), bit for bit."""
+def same_run(a, b):
+    keys = ("test-accuracy", "test-loss", "train-loss", "epsilon")
+    assert [[r.get(k) for k in keys] for r in rows(a)] == [[r.get(k) for k in keys] for r in rows(b)]
+    assert (a / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (b / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (a / "privacy.jsonl").read_text() == (b / "privacy.jsonl").read_text()
+
+
+def test_same_seed_same_result_with_one_worker_or_two_and_any_number_of_nodes(first_run, tmp_path, tiny_model_dir,
+                                                                             hf_dataset_dir):
+    """Clients are data, nodes are workers: one simulated node on one Ray worker (a client
+    takes both CPUs) training all 3 clients in turn gives the default run's result (3 nodes,
+    one CPU per client: 2 workers), bit for bit."""
+    import os
+
+    assert (os.cpu_count() or 1) >= 2  # the first run had two workers
     out, _ = first_run
     again = tmp_path / "b"
-    simulate(again, tiny_model_dir, hf_dataset_dir, "--nodes", "1")
-    keys = ("test-accuracy", "test-loss", "train-loss", "epsilon")
-    assert [[r.get(k) for k in keys] for r in rows(again)] == [[r.get(k) for k in keys] for r in rows(out)]
-    assert (again / "adapter" / "adapter_model.safetensors").read_bytes() == \
-        (out / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert (again / "privacy.jsonl").read_text() == (out / "privacy.jsonl").read_text()
+    simulate(again, tiny_model_dir, hf_dataset_dir, "--nodes", "1", "--client-cpus", str(os.cpu_count()))
+    same_run(again, out)
+
+
+def test_attached_to_a_two_node_ray_cluster_the_run_is_the_same(first_run, tmp_path, tiny_model_dir,
+                                                                hf_dataset_dir):
+    """``--ray-address`` attaches to a running cluster: two Ray nodes on 127.0.0.1, one CPU
+    each, so each node's worker trains clients; the cluster is the test's and it stops it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # (Ray's nodes listen on the machine's own address, which Ray also substitutes for 127.0.0.1)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        assert len(cluster.list_all_nodes()) == 2
+        out, _ = first_run
+        attached = tmp_path / "c"
+        proc = simulate(attached, tiny_model_dir, hf_dataset_dir, "--ray-address", cluster.address)
+        assert proc.returncode == 0
+        same_run(attached, out)
+        alive = [n for n in cluster.list_all_nodes() if n.remaining_processes_alive()]
+        assert len(alive) == 2  # the run used the cluster and left it running, as attached runs must
+    finally:
+        cluster.shutdown()
+        ray.shutdown()
+    assert not any(n.any_processes_alive() for n in cluster.list_all_nodes())
 
 
 def test_bad_option_is_one_clear_line(tmp_path):
