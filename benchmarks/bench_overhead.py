@@ -8,8 +8,9 @@ For each workload, two processes run one after the other on the same machine:
   global adapter on the test split as the server does (zero-shot head, round 0, every round);
 * ``fedortho simulate``: the same run through Flower's simulation engine and Ray.
 
-Both end with the same final accuracy (the same calls with the same seeds); the table says
-so. Per round: mean time of a round's training and aggregation (``round-seconds`` of
+Both make the same calls with the same seeds; the table says whether they end with the same
+final accuracy (a simulation worker runs one torch thread, the plain loop as many as there
+are cores). Per round: mean time of a round's training and aggregation (``round-seconds`` of
 ``metrics.jsonl``; evaluation excluded); start-up: from the process's start to its first
 round; peak memory: the largest sum over the process and all its descendants (Ray's
 processes included) of their proportional set sizes (shared pages counted once), sampled
@@ -17,7 +18,7 @@ every 0.25 s. Workloads: the default run (MiniLM, 10 clients, 8 private rounds) 
 BERT with 10 clients per round over 20 rounds at populations of 100 to 100,000 clients, on a
 synthetic dataset of 300,000 examples (``fedortho.synthetic``; IID shards).
 
-    python benchmarks/bench_overhead.py               # the whole table (about 20 minutes on 2 cores)
+    python benchmarks/bench_overhead.py               # the whole table (about 16 minutes on 2 cores)
     python benchmarks/bench_overhead.py --quick       # tiny model only, 100 and 100,000 clients
 """
 
@@ -198,7 +199,7 @@ def main() -> None:
             workloads.append((f"tiny BERT, {clients:,} clients, 10 per round, 20 rounds",
                               {"model": tiny, "dataset": synthetic, "clients": clients, **TINY_SETTINGS}))
         header = ("| workload | per round: simulate / plain loop (s) | ratio | start-up: simulate / plain (s) "
-                  "| wall: simulate / plain (s) | peak memory: simulate / plain (GB) | same final accuracy "
+                  "| wall: simulate / plain (s) | peak memory: simulate / plain (GB) | same final accuracy: simulate / plain "
                   "| simulate start-up (s): before the server / server's round 0 / waiting for workers "
                   "| simulate peak (GB): server process / Ray workers / Ray services |")
         rows = []
@@ -215,7 +216,7 @@ def main() -> None:
                         f"| {sim['startup']:.1f} / {plain['startup']:.1f} (+{sim['startup'] - plain['startup']:.1f}) "
                         f"| {sim['wall']:.0f} / {plain['wall']:.0f} ({sim['wall'] / plain['wall']:.2f}x) "
                         f"| {sim['peak'] / 1e9:.2f} / {plain['peak'] / 1e9:.2f} ({sim['peak'] / plain['peak']:.2f}x) "
-                        f"| {'yes' if same else 'NO'} ({sim['final-accuracy']:.4f}) "
+                        f"| {'yes' if same else 'no'}: {sim['final-accuracy']:.4f} / {plain['final-accuracy']:.4f} "
                         f"| {' / '.join(f'{t:.1f}' for t in sim['phases'])} "
                         f"| {split} |")
             print(rows[-1], file=sys.stderr, flush=True)

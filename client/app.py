@@ -177,7 +177,12 @@ def warm_up(msg: Message, context: Context) -> Message:
     now, while the server evaluates round 0 (``fedortho.worker.warm_up``)."""
     from fedortho.worker import warm_up as warm_up_worker
 
-    warm_up_worker(_run_config(msg))
+    config = msg.content[protocol.CONFIG]
+    # Noise plans made by the server are taken only in a simulation, whose server is this
+    # machine's own process: a deployed client plans its noise itself.
+    plans = list(zip(config.get(protocol.PLAN_RATES, []), config.get(protocol.PLAN_STEPS, []),
+                     config.get(protocol.PLAN_SIGMAS, []))) if os.environ.get(SIMULATION_ENV) == "1" else []
+    warm_up_worker(_run_config(msg), [(float(q), int(n), float(s)) for q, n, s in plans])
     return Message(RecordDict({protocol.INFO: ConfigRecord({})}), reply_to=msg)
 
 

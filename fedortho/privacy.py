@@ -91,6 +91,14 @@ def remember_plan(epsilon: float, delta: float, sample_rate: float, steps: int, 
     _PLANS[_plan_key(epsilon, delta, sample_rate, steps, prior)] = float(noise_multiplier)
 
 
+def plans_made(epsilon: float, delta: float) -> list[tuple[float, int, float]]:
+    """The plans this process has made for a budget with nothing spent before the run, as
+    (sample rate, steps, noise multiplier): a simulation's server hands them to its workers,
+    which then need not search again."""
+    return [(key[2], key[3], sigma) for key, sigma in _PLANS.items()
+            if key[:2] == (float(epsilon), float(delta)) and not key[4]]
+
+
 def _search_after_prior(epsilon: float, delta: float, sample_rate: float, steps: int, prior: tuple) -> float:
     """Opacus' search (double, then bisect) with the prior spending composed in."""
     def spent_with(sigma: float) -> float:

@@ -25,8 +25,9 @@ LABEL_NAMES = "label-names"        # the run's label names, in label order: a no
 STATE_TRAVELS = "state-travels"    # true: the client's state comes with the message and goes back with the reply
 RUN_KEY = "run-key"                # names the run across restarts: a node's state file on disk is kept per run key
 PARTITION = "partition"            # the client (partition) to train: any in simulation, the node's own in deployment
+PLAN_RATES, PLAN_STEPS, PLAN_SIGMAS = "plan-sample-rates", "plan-steps", "plan-noise-multipliers"  # warm-up
 PER_ROUND_KEYS = (SERVER_ROUND, HELD_VERSION, EPSILON_SEEN, LABEL_NAMES, STATE_TRAVELS, RUN_KEY,
-                  PARTITION)  # not run settings
+                  PARTITION, PLAN_RATES, PLAN_STEPS, PLAN_SIGMAS)  # not run settings
 
 # In simulation a client's state (its records but the held tensors, which the server sends
 # every round instead) travels as records with this prefix: it then lives in the server's

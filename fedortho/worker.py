@@ -96,13 +96,17 @@ def run_client_round(work: ClientWork) -> ClientResult:
     return train_client(model, dataset, cfg, names, work.history, seed, work.optimizer_state, work.prior)
 
 
-def warm_up(cfg: RunConfig) -> None:
+def warm_up(cfg: RunConfig, plans: list[tuple[float, int, float]] = ()) -> None:
     """Do a worker's one-time work before its first client: build the model, read the
     dataset and its partitioner, and plan the noise of the smallest client (a population of
     equal IID shards then needs no other plan). A simulation asks every worker to do this
-    while its server evaluates round 0, so that round 1 costs what later rounds cost."""
+    while its server evaluates round 0, so that round 1 costs what later rounds cost.
+    ``plans``: (sample rate, steps, noise multiplier) the server has planned for the run's
+    budget already (``privacy.plans_made``), kept instead of searched again."""
     from fedortho import privacy
 
+    for rate, steps, sigma in plans:
+        privacy.remember_plan(cfg.epsilon, cfg.delta, rate, steps, sigma)
     set_threads(cfg)
     shared_model(cfg)
     data.splits_for(cfg)

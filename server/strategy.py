@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from client.state import from_records, to_records
-from fedortho import protocol
+from fedortho import privacy, protocol
 from fedortho.checkpoint import ClientStates
 from fedortho.config import RunConfig
 from fedortho.fedsvd import AggregationError, aggregate, check_update
@@ -172,7 +172,11 @@ class LoRAStrategy(FedAvg):
     def warm_up(self, grid: Grid) -> list[str]:
         """Simulation: ask every simulated node to ready its worker (model, data, noise plan)
         without waiting for it; ``warmed_up`` collects the replies before round 1."""
-        settings = ConfigRecord({k: v for k, v in self.cfg.to_dict(hyphenated=True).items()})
+        plans = privacy.plans_made(self.cfg.epsilon, self.cfg.delta)  # by the checks before the run
+        settings = ConfigRecord({**self.cfg.to_dict(hyphenated=True),
+                                 protocol.PLAN_RATES: [float(q) for q, _, _ in plans],
+                                 protocol.PLAN_STEPS: [int(n) for _, n, _ in plans],
+                                 protocol.PLAN_SIGMAS: [float(s) for _, _, s in plans]})
         messages = [Message(content=RecordDict({protocol.CONFIG: settings}),
                             message_type=f"{MessageType.QUERY}.{protocol.WARM_UP}", dst_node_id=node)
                     for node in self._workers(grid)]

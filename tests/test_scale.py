@@ -120,3 +120,33 @@ def test_a_deployed_node_refuses_a_state_sent_by_the_server(tmp_path, tiny_model
         run_federation(OneWorkerGrid(), cfg, state_travels=True)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "deployed node keeps its own state" in summary["stopped"]
+
+
+@pytest.mark.parametrize("simulated", [True, False])
+def test_noise_plans_from_the_server_are_taken_only_in_a_simulation(tiny_model_dir, monkeypatch, simulated):
+    """A warm-up message may carry the server's noise plans; a deployed client (no simulation
+    environment) ignores them and plans its noise itself: a server could send a tiny one."""
+    from flwr.app import ConfigRecord, MessageType
+
+    from fedortho import privacy, protocol
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    if simulated:
+        monkeypatch.setenv("FEDORTHO_SIMULATION", "1")
+    else:
+        monkeypatch.delenv("FEDORTHO_SIMULATION", raising=False)
+    monkeypatch.setattr(privacy, "_PLANS", {})
+    cfg = RunConfig(model=tiny_model_dir, clients=3, clients_per_round=3, max_train_examples=240, partitioning="iid")
+    bogus = (0.123, 77, 0.01)  # a noise multiplier no honest plan would give
+    config = ConfigRecord({**cfg.to_dict(hyphenated=True), protocol.PLAN_RATES: [bogus[0]],
+                           protocol.PLAN_STEPS: [bogus[1]], protocol.PLAN_SIGMAS: [bogus[2]]})
+    msg = Message(content=RecordDict({protocol.CONFIG: config}),
+                  message_type=f"{MessageType.QUERY}.{protocol.WARM_UP}", dst_node_id=7)
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    client_app(msg, Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3},
+                            state=RecordDict(), run_config={}))
+    taken = (cfg.epsilon, cfg.delta, *bogus) in [(cfg.epsilon, cfg.delta, q, n, s)
+                                                 for q, n, s in privacy.plans_made(cfg.epsilon, cfg.delta)]
+    assert taken == simulated
+    assert privacy.plans_made(cfg.epsilon, cfg.delta)  # the worker planned its own smallest client either way
