@@ -110,8 +110,9 @@ def test_same_seed_same_result_with_one_worker_or_two_and_any_number_of_nodes(fi
 
 def test_attached_to_a_two_node_ray_cluster_the_run_is_the_same(first_run, tmp_path, tiny_model_dir,
                                                                 hf_dataset_dir):
-    """``--ray-address`` attaches to a running cluster: two Ray nodes on 127.0.0.1, one CPU
-    each, so each node's worker trains clients; the cluster is the test's and it stops it."""
+    """``--ray-address`` attaches to a running cluster: two Ray nodes on this machine, one CPU
+    each, and half a CPU per client: 4 workers, 2 on each node, train the clients. The result
+    is the first run's (2 workers on one node). The cluster is the test's and it stops it."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -123,7 +124,8 @@ def test_attached_to_a_two_node_ray_cluster_the_run_is_the_same(first_run, tmp_p
         assert len(cluster.list_all_nodes()) == 2
         out, _ = first_run
         attached = tmp_path / "c"
-        proc = simulate(attached, tiny_model_dir, hf_dataset_dir, "--ray-address", cluster.address)
+        proc = simulate(attached, tiny_model_dir, hf_dataset_dir, "--ray-address", cluster.address,
+                        "--client-cpus", "0.5", "--nodes", "4")
         assert proc.returncode == 0
         same_run(attached, out)
         alive = [n for n in cluster.list_all_nodes() if n.remaining_processes_alive()]
