@@ -56,14 +56,13 @@ def preflight(cfg: RunConfig, resuming: bool = False) -> None:
         from fedortho.heads import label_texts
 
         label_texts(cfg, splits.label_names)
-    if cfg.private:  # the client with the fewest examples samples at the highest rate: the hardest plan
-        from fedortho import privacy
+    if cfg.private:
+        from fedortho.privacy import BudgetTooSmall
+        from fedortho.worker import plan_smallest_client
 
-        smallest = data.smallest_partition(cfg, cfg.clients)
-        steps = cfg.local_steps * privacy.planned_participations(cfg.rounds, cfg.clients, cfg.clients_per_round)
         try:
-            privacy.check_plannable(cfg.epsilon, cfg.delta, privacy.sample_rate(smallest, cfg.batch_size), steps)
-        except privacy.BudgetTooSmall as exc:
+            plan_smallest_client(cfg)
+        except BudgetTooSmall as exc:
             raise ConfigError(str(exc)) from None
     if cfg.out and not resuming:  # last: a run that fails its other checks leaves no folder behind
         check_out_folder(Path(cfg.out), create=True)

@@ -109,14 +109,20 @@ def warm_up(cfg: RunConfig, plans: list[tuple[float, int, float]] = ()) -> None:
         privacy.remember_plan(cfg.epsilon, cfg.delta, rate, steps, sigma)
     set_threads(cfg)
     shared_model(cfg)
-    data.splits_for(cfg)
-    smallest = data.smallest_partition(cfg, cfg.clients)
     data.client_dataset(cfg, 0, cfg.clients)  # the tokenizer, and the data path a client takes
     if cfg.private:
-        steps = cfg.local_steps * privacy.planned_participations(cfg.rounds, cfg.clients, cfg.clients_per_round)
         try:
-            privacy.plan_noise_multiplier(cfg.epsilon, cfg.delta,
-                                          privacy.sample_rate(smallest, min(cfg.batch_size, smallest)), steps)
-        except ValueError:
+            plan_smallest_client(cfg)
+        except privacy.BudgetTooSmall:
             pass  # an unplannable budget is the client's to report, in its round
 
+
+def plan_smallest_client(cfg: RunConfig) -> float:
+    """The noise multiplier of the client with the fewest examples, which samples at the
+    highest rate: the hardest plan of the run. Raises ``privacy.BudgetTooSmall``."""
+    from fedortho import privacy
+
+    smallest = data.smallest_partition(cfg, cfg.clients)
+    steps = cfg.local_steps * privacy.planned_participations(cfg.rounds, cfg.clients, cfg.clients_per_round)
+    return privacy.check_plannable(cfg.epsilon, cfg.delta, privacy.sample_rate(smallest, min(cfg.batch_size, smallest)),
+                                   steps)

@@ -38,8 +38,8 @@ def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbos
     # The workers' environment: simulated clients take their state from the message and report
     # gradient diagnostics. Set in Ray's job environment, so that workers on every machine of a
     # cluster have it, not only those started from this process.
-    worker_env = {SIMULATION_ENV: "1", DIAGNOSTICS_ENV: "1", "TOKENIZERS_PARALLELISM": "false",
-                  "FLWR_TELEMETRY_ENABLED": os.environ["FLWR_TELEMETRY_ENABLED"]}
+    worker_env = {SIMULATION_ENV: "1", DIAGNOSTICS_ENV: "1",
+                  **{key: os.environ[key] for key in ("TOKENIZERS_PARALLELISM", "FLWR_TELEMETRY_ENABLED")}}
     os.environ.update(worker_env)
     warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
     if not verbose:
