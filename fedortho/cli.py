@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 import torch
 
@@ -40,9 +41,8 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def preflight(cfg: RunConfig, resuming: bool = False) -> None:
-    """Fail fast, before Ray starts, on a run folder in use or a model/dataset that won't load."""
-    from pathlib import Path
-
+    """Fail fast, before Ray starts, on a run folder in use or a model, dataset or budget
+    that won't do."""
     from fedortho import data
     from fedortho.models import check_model, load_tokenizer
 
@@ -72,7 +72,6 @@ def resume_config(run_dir: str, args: argparse.Namespace) -> RunConfig:
     """The settings of the run in ``run_dir``, checked against its checkpoint (which is read,
     never changed, here): a run resumes only as it was configured."""
     import json
-    from pathlib import Path
 
     from fedortho.checkpoint import check_resumable, load_checkpoint
     from fedortho.runs import folder_in_use
@@ -167,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--client-cpus", type=float, default=1.0,
                      help="CPUs per simulated client (Ray resources): clients run in parallel on the free cores "
                           "(default: 1)")
+    sim.add_argument("--client-gpus", type=float, default=0.0,
+                     help="GPUs per simulated client (Ray resources; a fraction shares a GPU, e.g. 0.25: four "
+                          "clients train on one GPU at once); 0 trains on the CPU (default: 0)")
     sim.add_argument("--ray-address", default=None,
                      help="attach to an existing Ray cluster (e.g. 'auto' or HEAD_IP:6379; see README, 'A Ray cluster') "
                           "instead of starting one on this machine")
@@ -228,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--nodes must be >= 1 (0: clients-per-round), got {args.nodes}")
         if not args.client_cpus > 0:
             raise ConfigError(f"--client-cpus must be > 0, got {args.client_cpus:g}")
+        if not args.client_gpus >= 0:
+            raise ConfigError(f"--client-gpus must be >= 0, got {args.client_gpus:g}")
         resuming = bool(args.resume)
         cfg = resume_config(args.resume, args) if resuming else _config_from_args(args)
         preflight(cfg, resuming)
@@ -237,8 +241,12 @@ def main(argv: list[str] | None = None) -> int:
 
         guard_this_process()  # Ray's processes end with this one, even if it is killed with SIGKILL
         _stop_cleanly_on_signals()
-        simulate(cfg, args.client_cpus, args.ray_address, args.verbose, resume=resuming,
-                 on_ray_started=_stop_cleanly_on_signals, nodes=args.nodes)
+        try:
+            simulate(cfg, args.client_cpus, args.ray_address, args.verbose, resume=resuming,
+                     on_ray_started=_stop_cleanly_on_signals, nodes=args.nodes, client_gpus=args.client_gpus)
+        except ConfigError as exc:  # the Ray cluster cannot host a client
+            print(f"fedortho: error: {exc}", file=sys.stderr)
+            _exit_now(2)
         _exit_now(0)
     except (ConfigError, DataError, ModelLoadError, FileNotFoundError, NodeWorkerError, CheckpointError) as exc:
         print(f"fedortho: error: {exc}", file=sys.stderr)
@@ -263,8 +271,6 @@ def _exit_now(code: int) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from fedortho.sweep import cell_status, changed_settings, load_sweep, run_sweep
 
     sweep = load_sweep(args.file)

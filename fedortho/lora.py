@@ -52,10 +52,11 @@ def _initial_a(a: torch.Tensor, init: str) -> torch.Tensor:
 
 
 def adapter_state(model: torch.nn.Module) -> Tensors:
-    """All adapter tensors (A, B and, with a SEQ_CLS task, the head), detached copies."""
+    """All adapter tensors (A, B and, with a SEQ_CLS task, the head), detached copies in host
+    memory (also of a model trained on a GPU: they are sent, aggregated and saved)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
 def load_adapter_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:

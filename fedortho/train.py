@@ -56,8 +56,8 @@ def _logits(model, input_ids, attention_mask) -> torch.Tensor:
     return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def _forward_loss(model, batch) -> torch.Tensor:
-    input_ids, attention_mask, labels = batch
+def _forward_loss(model, batch, device: torch.device | str = "cpu") -> torch.Tensor:
+    input_ids, attention_mask, labels = (t.to(device) for t in batch)
     logits = _logits(model, input_ids, attention_mask)
     return F.cross_entropy(logits, labels)
 
@@ -82,6 +82,7 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
     the result carries its final state.
     """
     n = len(dataset)
+    device = next(model.parameters()).device  # batches and noise follow the model
     model.train()
     params = set_trainable(model, trainable)
     named = list(zip(trainable, params))
@@ -105,7 +106,7 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
                 raise
             raise privacy.BudgetExhausted(f"earlier runs left too little budget: {exc}") from None
         privacy.check_budget(history, sigma, rate, cfg.local_steps, cfg.epsilon, cfg.delta)
-        noise_gen = torch.Generator().manual_seed(noise_seed)
+        noise_gen = torch.Generator(device=device).manual_seed(noise_seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus' notes on secure RNG and on frozen modules
             engine, wrapped, optimizer, loader = privacy.make_private(
@@ -121,7 +122,7 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
                 engine.accountant.step(noise_multiplier=sigma, sample_rate=rate)
                 continue
             optimizer.zero_grad(set_to_none=True)
-            loss = _forward_loss(wrapped, batch)
+            loss = _forward_loss(wrapped, batch, device)
             loss.backward()
             if engine is not None:  # per-sample gradients, before the optimizer clips them
                 diagnostics.observe({name: p.grad_sample for name, p in named})

@@ -21,6 +21,24 @@ from fedortho.train import ClientResult, round_seed, train_client
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
 
+# Where clients train: "cpu" (the default) or "cuda". ``fedortho simulate --client-gpus``
+# sets it in its workers (Ray makes the GPU it gave a worker that worker's only visible one);
+# a deployed node's operator sets it in the SuperNode's (or node worker's) environment.
+DEVICE_ENV = "FEDORTHO_DEVICE"
+
+
+def training_device() -> torch.device:
+    """The device of ``DEVICE_ENV``; asking for a GPU that is not there is an error, not a
+    silent fall-back to the CPU."""
+    import os
+
+    name = os.environ.get(DEVICE_ENV, "").strip().lower() or "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"{DEVICE_ENV}={name!r}: expected 'cpu' or 'cuda'")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{DEVICE_ENV}=cuda, but torch sees no CUDA device here")
+    return torch.device(name)
+
 
 def set_threads(cfg: RunConfig) -> None:
     """Honour ``num-threads``; 0 keeps torch's default, which inside a Ray worker follows the
@@ -48,7 +66,7 @@ def shared_model(cfg: RunConfig, label_names: tuple[str, ...] | None = None) -> 
            None if label_names is None else tuple(label_names))
     if key not in _MODELS:
         _MODELS.clear()  # one model per process: a new configuration replaces the old one
-        _MODELS[key] = build_model(cfg, label_names)
+        _MODELS[key] = build_model(cfg, label_names).to(training_device())
     return _MODELS[key]
 
 

@@ -20,7 +20,7 @@ def export_state(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, to
             if value is None:
                 continue
             if isinstance(value, torch.Tensor) and value.ndim > 0:
-                tensors[f"{key}{SEPARATOR}{name}"] = value.detach().clone()
+                tensors[f"{key}{SEPARATOR}{name}"] = value.detach().to("cpu", copy=True)
             else:
                 scalars[f"{key}{SEPARATOR}{name}"] = float(value)
     return tensors, scalars
