@@ -14,7 +14,7 @@ def worker_allocator() -> dict[str, str]:
     """Run the workers on jemalloc (the build Ray ships for its own services), unless the
     caller chose an allocator with LD_PRELOAD (set, even empty). Training's activations come
     in many sizes between 100 kB and a few MB; glibc's heap keeps what they fragment, and on
-    the default workload a worker peaks about 0.45 GB higher with it, at the same speed."""
+    the default workload a worker peaks about 0.5 GB higher with it, at the same speed."""
     import ray
 
     library = os.path.join(os.path.dirname(ray.__file__), "core", "libjemalloc.so")
