@@ -21,7 +21,8 @@ import torch
 from fedortho import protocol
 from fedortho.checkpoint import ClientStates, checkpoint_folder, load_checkpoint, save_checkpoint
 from fedortho.config import RunConfig
-from fedortho.lora import adapter_state, trainable_names
+from fedortho.lora import adapter_state
+from fedortho.rules import trainable_names
 from fedortho.models import save_tiny_bert
 from fedortho.worker import build_model
 

@@ -48,7 +48,7 @@ def plain_loop(settings: dict, out: Path) -> None:
 
     from fedortho import data
     from fedortho.config import RunConfig
-    from fedortho.fedsvd import aggregate
+    from fedortho.rules import aggregate
     from fedortho.lora import adapter_state, load_adapter_state
     from fedortho.privacy import BudgetExhausted
     from fedortho.train import evaluate

@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.state import from_records, to_records
-from fedortho import protocol
+from fedortho import protocol, rules
 from fedortho.checkpoint import CheckpointError, load_node_state, save_node_state
 from fedortho.config import ConfigError, RunConfig
 from fedortho.faults import maybe_fail
@@ -89,10 +89,11 @@ def _backend(node: NodeSettings):
     return NodeWorkerClient(node.worker_socket) if node.worker_socket else InProcess()
 
 
-def _held_tensors(received: dict, cfg: RunConfig, names: list[str], context: Context, version: int) -> dict:
-    """The held tensors: from the message when they changed (and then kept), else from this
-    client's state."""
-    held = protocol.held_names(names, cfg.strategy, cfg.train_head)
+def _held_tensors(received: dict, cfg: RunConfig, names: list[str], context: Context, version: int,
+                  server_round: int) -> dict:
+    """The held tensors of this round: from the message when they changed (and then kept),
+    else from this client's state."""
+    held = protocol.held_names(names, cfg.strategy, cfg.train_head, server_round)
     if not held:  # fedavg with a trained head: everything travels every round
         return {}
     if any(k in received for k in held):
@@ -104,7 +105,9 @@ def _held_tensors(received: dict, cfg: RunConfig, names: list[str], context: Con
         context.state[STATE_HELD_META] = ConfigRecord({"version": version})
         return tensors
     if STATE_HELD in context.state and int(context.state[STATE_HELD_META]["version"]) == version:
-        return context.state[STATE_HELD].to_torch_state_dict()
+        kept = context.state[STATE_HELD].to_torch_state_dict()
+        if set(held) <= set(kept):
+            return {k: kept[k] for k in held}
     raise RuntimeError("the server sent no held tensors (A) and this client holds no current copy")
 
 
@@ -120,7 +123,8 @@ def _kept_optimizer_state(cfg: RunConfig, context: Context, held: dict):
     tensors = context.state[STATE_OPTIMIZER].to_torch_state_dict()
     scalars = dict(context.state[STATE_OPTIMIZER_SCALARS]) if STATE_OPTIMIZER_SCALARS in context.state else {}
     basis = context.state[STATE_OPTIMIZER_BASIS].to_torch_state_dict() if STATE_OPTIMIZER_BASIS in context.state else {}
-    if cfg.strategy == "fedsvd" and any(not torch.equal(basis[k], held[k]) for k in basis if k in held):
+    if rules.rule(cfg.strategy).rotates_kept_state and any(not torch.equal(basis[k], held[k])
+                                                           for k in basis if k in held):
         tensors = rotate_saved_state(tensors, basis, held)  # the server rotated (B, A): rotate B's momentum too
     return tensors, scalars
 
@@ -263,7 +267,8 @@ def train(msg: Message, context: Context) -> Message:
     version = int(round_config[protocol.HELD_VERSION])
     received = msg.content[protocol.ARRAYS].to_torch_state_dict()
     backend = _backend(node)
-    held = _held_tensors(received, cfg, backend.adapter_names(cfg, node.data_path), context, version)
+    held = _held_tensors(received, cfg, backend.adapter_names(cfg, node.data_path), context, version,
+                         int(round_config[protocol.SERVER_ROUND]))
 
     ledger = node.privacy_ledger(cfg)
     with ledger.locked() if ledger is not None else nullcontext():

@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from fedortho import rules
 from fedortho.optim import OPTIMIZERS
 
-STRATEGIES = ("fedsvd", "ffa", "fedavg")
 PARTITIONINGS = ("dirichlet", "iid")
 HEAD_INITS = ("random", "zero-shot")
 EMBEDDED_MODEL = "all-minilm-l6-v2"
@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     # federation
-    strategy: str = field(default="fedsvd", metadata={"help": "fedsvd | ffa | fedavg"})
+    strategy: str = field(default="fedsvd", metadata={"help": "aggregation rule: " + " | ".join(rules.names())})
     rounds: int = field(default=8, metadata={"help": "federated rounds"})
     clients: int = field(default=10, metadata={"help": "number of clients (data partitions)"})
     clients_per_round: int = field(default=10, metadata={"help": "clients sampled each round"})
@@ -113,7 +113,11 @@ class RunConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
+        need(self.strategy in rules.names(),
+             f"strategy must be one of {', '.join(rules.names())}, got '{self.strategy}'")
+        need(self.optimizer_state != "keep" or rules.rule(self.strategy).keeps_optimizer_state,
+             f"optimizer-state keep is not available with strategy {self.strategy}: what its clients train "
+             "does not carry over from round to round; use reset")
         need(self.eval_precision in ("bfloat16", "float32"),
              f"eval-precision must be bfloat16 or float32, got '{self.eval_precision}'")
         need(self.optimizer_state in ("reset", "keep"),

@@ -1,4 +1,4 @@
-"""FedSVD refactorization and the aggregation rules of the three strategies.
+"""FedSVD refactorization, and the checks and weighted mean every aggregation rule uses.
 
 A LoRA adapter is a pair ``b: (out, r)``, ``a: (r, in)`` whose product ``b @ a`` is the
 weight update. FedSVD re-expresses the product as ``b_new @ a_new`` with ``a_new`` having
@@ -115,37 +115,4 @@ def refactorize_all(state: Mapping[str, torch.Tensor]) -> Tensors:
         b_new, a_new = refactorize(bs, as_)
         for i, (b_name, a_name) in enumerate(members):
             new[b_name], new[a_name] = b_new[i].contiguous(), a_new[i].contiguous()
-    return new
-
-
-def aggregate(
-    strategy: str,
-    global_state: Mapping[str, torch.Tensor],
-    updates: Sequence[Mapping[str, torch.Tensor]],
-    weights: Sequence[float],
-    server_round: int,
-    svd_period: int = 1,
-) -> Tensors:
-    """One server step: the new global adapter state.
-
-    ``updates`` hold only the trained tensors (B and the head; A as well for ``fedavg``);
-    every other tensor keeps its global value. Each is averaged weighted by ``weights``.
-    ``fedsvd`` then refactorizes every ``svd_period``-th round (rounds start at 1).
-    """
-    if not updates:
-        raise AggregationError("no client updates to aggregate")
-    keys = sorted(updates[0])
-    unknown = [k for k in keys if k not in global_state]
-    if unknown:
-        raise AggregationError(f"update 0: keys unknown to the global model: {unknown[:3]}")
-    expected = {k: global_state[k] for k in keys}
-    for i, u in enumerate(updates):
-        check_update(u, expected, f"update {i}")
-    if strategy in ("fedsvd", "ffa") and any("lora_A" in k for k in keys):
-        raise AggregationError(f"{strategy}: clients must not send lora_A")
-    new = dict(global_state)
-    for k in keys:
-        new[k] = weighted_mean([u[k] for u in updates], weights)
-    if strategy == "fedsvd" and server_round % svd_period == 0:
-        new = refactorize_all(new)
     return new

@@ -3,6 +3,12 @@
 Adapter tensors are named as in ``peft.get_peft_model_state_dict`` (for example
 ``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight`` and
 ``base_model.model.classifier.weight``), which is also the on-disk PEFT format.
+
+Rules that fold updates into the frozen weights (FedEx-LoRA, FLoRA) give every LoRA layer
+one more tensor, ``<layer>.lora_folded.weight`` (out, in): what has been folded, in the
+units of B·A, so that the layer's frozen weight is ``W0 + (alpha / r) * folded``. It is part
+of the adapter state like A and B (sent, aggregated, checkpointed, saved beside the PEFT
+adapter), and ``load_adapter_state`` applies it.
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ from fedortho.config import ConfigError, RunConfig
 
 Tensors = dict[str, torch.Tensor]
 
+FOLDED = "lora_folded"
+FOLDED_FILE = "folded.safetensors"  # beside a saved PEFT adapter whose run folded updates
 
-def attach_lora(base: torch.nn.Module, cfg: RunConfig, seed: int) -> torch.nn.Module:
-    """Wrap ``base`` with LoRA adapters (B = 0, A drawn from ``seed``) and a trainable head copy."""
+
+def attach_lora(base: torch.nn.Module, cfg: RunConfig, seed: int, folds: bool = False) -> torch.nn.Module:
+    """Wrap ``base`` with LoRA adapters (B = 0, A drawn from ``seed``) and a trainable head copy;
+    ``folds``: with a folded update per LoRA layer (zero)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(
@@ -41,6 +51,11 @@ def attach_lora(base: torch.nn.Module, cfg: RunConfig, seed: int) -> torch.nn.Mo
         # orthonormal: same row space, orthonormal rows (FedSVD's A after a round)
         load_adapter_state(model, {k: cfg.init_a_scale * _initial_a(v, cfg.init_a)
                                    for k, v in state.items() if "lora_A" in k})
+    if folds:
+        for layer in _lora_layers(model).values():
+            weight = layer.get_base_layer().weight
+            layer.fedortho_w0 = weight.data  # the pretrained weight, shared read-only
+            layer.fedortho_folded = torch.zeros_like(weight.data)
     model.eval()  # training switches to train mode (the base model's dropout) and back
     return model
 
@@ -56,13 +71,21 @@ def adapter_state(model: torch.nn.Module) -> Tensors:
     memory (also of a model trained on a GPU: they are sent, aggregated and saved)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    state = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    for key, layer in _lora_layers(model).items():
+        if hasattr(layer, "fedortho_folded"):
+            state[key] = layer.fedortho_folded.to("cpu", copy=True)
+    return state
 
 
 def load_adapter_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Write (some of) the adapter tensors into ``model`` in place; unknown names are an error."""
     params = _adapter_params(model)
+    layers = _lora_layers(model)
     for name, value in state.items():
+        if name in layers and hasattr(layers[name], "fedortho_folded"):
+            _fold(layers[name], value)
+            continue
         if name not in params:
             raise KeyError(f"'{name}' is not an adapter tensor of this model")
         target = params[name]
@@ -72,15 +95,23 @@ def load_adapter_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]
             target.copy_(value.to(target.dtype))
 
 
-def trainable_names(state_names, strategy: str, train_head: bool) -> list[str]:
-    """Names that clients train and send: B always, A only for fedavg, the head if enabled."""
-    names = []
-    for name in state_names:
-        if "lora_B" in name or ("lora_A" in name and strategy == "fedavg"):
-            names.append(name)
-        elif "lora_" not in name and train_head:
-            names.append(name)
-    return sorted(names)
+def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The LoRA layers of ``model`` by the name of their folded tensor."""
+    from peft.tuners.lora import LoraLayer
+
+    return {f"{name}.{FOLDED}.weight": module for name, module in model.named_modules()
+            if isinstance(module, LoraLayer)}
+
+
+def _fold(layer: torch.nn.Module, folded: torch.Tensor) -> None:
+    """Make the layer's frozen weight ``W0 + scaling * folded`` (W0 itself is never written:
+    it is the model file's shared pages)."""
+    weight = layer.get_base_layer().weight
+    w0 = layer.fedortho_w0.to(weight.device)  # a copy only if the model moved to a GPU
+    if tuple(folded.shape) != tuple(w0.shape):
+        raise ValueError(f"folded update has shape {tuple(folded.shape)}, the layer expects {tuple(w0.shape)}")
+    layer.fedortho_folded = folded.detach().to(weight.device, weight.dtype, copy=True)
+    weight.data = w0 if not folded.any() else w0 + layer.scaling["default"] * layer.fedortho_folded
 
 
 def set_trainable(model: torch.nn.Module, names: list[str]) -> list[torch.nn.Parameter]:
@@ -96,10 +127,36 @@ def set_trainable(model: torch.nn.Module, names: list[str]) -> list[torch.nn.Par
 
 
 def save_adapter(model: torch.nn.Module, folder: str | Path) -> Path:
-    """Save in PEFT format, loadable with ``PeftModel.from_pretrained(base, folder)``."""
+    """Save in PEFT format, loadable with ``PeftModel.from_pretrained(base, folder)``; a model
+    with folded updates also writes them beside it (``FOLDED_FILE``): ``load_adapter`` reads
+    both."""
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     model.save_pretrained(folder)
+    folded = {k: v for k, v in adapter_state(model).items() if FOLDED in k}
+    if folded:
+        save_file({k: v.contiguous() for k, v in folded.items()}, str(folder / FOLDED_FILE))
     return folder
+
+
+def load_adapter(base: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
+    """The model a run saved: ``base`` (the run's base model) with the PEFT adapter in
+    ``folder`` and, if the run folded updates into the frozen weights, those as well."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    model = PeftModel.from_pretrained(base, str(folder))
+    if (folder / FOLDED_FILE).exists():
+        layers = _lora_layers(model)
+        for name, folded in load_file(str(folder / FOLDED_FILE)).items():
+            if name not in layers:
+                raise KeyError(f"{folder / FOLDED_FILE}: '{name}' is not a LoRA layer of this model")
+            layers[name].fedortho_w0 = layers[name].get_base_layer().weight.data
+            _fold(layers[name], folded)
+    model.eval()
+    return model
 
 
 def _adapter_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

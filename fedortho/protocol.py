@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from fedortho.lora import trainable_names
+from fedortho import rules
 from fedortho.node import PRIVACY_KEYS as NODE_PRIVACY_KEYS
 
 CONFIG = "config"
@@ -51,7 +51,6 @@ REFUSED = "refused"  # in a node's description: why it cannot take part in the r
 PRIVACY_KEYS = NODE_PRIVACY_KEYS
 
 
-def held_names(names: Iterable[str], strategy: str, train_head: bool) -> list[str]:
-    names = list(names)
-    trained = set(trainable_names(names, strategy, train_head))
-    return sorted(n for n in names if n not in trained)
+def held_names(names: Iterable[str], strategy: str, train_head: bool, server_round: int = 1) -> list[str]:
+    """The adapter tensors clients of rule ``strategy`` hold but do not change in ``server_round``."""
+    return rules.rule(strategy).held(names, train_head, server_round)

@@ -13,7 +13,8 @@ import torch
 
 from fedortho import data
 from fedortho.config import RunConfig
-from fedortho.lora import adapter_state, attach_lora, load_adapter_state, trainable_names
+from fedortho import rules
+from fedortho.lora import adapter_state, attach_lora, load_adapter_state
 from fedortho.heads import label_texts, set_head, zero_shot_head
 from fedortho.models import load_classifier, load_tokenizer
 from fedortho.privacy import History
@@ -57,13 +58,13 @@ def build_model(cfg: RunConfig, label_names: tuple[str, ...] | None = None) -> t
     base = load_classifier(cfg.model, len(names), cfg.seed, cfg.pooling)
     if cfg.head_init == "zero-shot":
         set_head(base, zero_shot_head(base, load_tokenizer(cfg.model), label_texts(cfg, names), cfg.head_scale))
-    return attach_lora(base, cfg, cfg.seed)
+    return attach_lora(base, cfg, cfg.seed, folds=rules.rule(cfg.strategy).folds)
 
 
 def shared_model(cfg: RunConfig, label_names: tuple[str, ...] | None = None) -> torch.nn.Module:
     key = (cfg.model, cfg.pooling, cfg.init_a, cfg.init_a_scale, cfg.head_init, cfg.head_scale, cfg.label_texts,
            cfg.dataset, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
-           None if label_names is None else tuple(label_names))
+           None if label_names is None else tuple(label_names), rules.rule(cfg.strategy).folds)
     if key not in _MODELS:
         _MODELS.clear()  # one model per process: a new configuration replaces the old one
         _MODELS[key] = build_model(cfg, label_names).to(training_device())
@@ -109,7 +110,7 @@ def run_client_round(work: ClientWork) -> ClientResult:
     load_adapter_state(model, work.global_state)
     dataset = (data.local_dataset(cfg, work.data_path) if work.data_path
                else data.client_dataset(cfg, work.partition_id, work.num_partitions))
-    names = trainable_names(expected, cfg.strategy, cfg.train_head)
+    names = rules.rule(cfg.strategy).trainable(expected, cfg.train_head, work.server_round)
     seed = work.seed if work.seed is not None else round_seed(cfg.seed, work.server_round, work.partition_id)
     return train_client(model, dataset, cfg, names, work.history, seed, work.optimizer_state, work.prior)
 

@@ -1,7 +1,8 @@
-"""LoRAStrategy: FedSVD, FFA-LoRA and FedAvg-LoRA on Flower's Message API.
+"""LoRAStrategy: any aggregation rule of ``fedortho.rules`` on Flower's Message API.
 
-The arithmetic lives in ``fedortho.fedsvd.aggregate``; this class samples clients, decides
-what travels (``fedortho.protocol``), validates replies and keeps per-node bookkeeping.
+The arithmetic lives in the rule (``fedortho.rules.aggregate``); this class samples clients,
+decides what travels (``fedortho.protocol``), reads and checks replies and keeps per-node
+bookkeeping.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from client.state import from_records, to_records
-from fedortho import privacy, protocol
+from fedortho import privacy, protocol, rules
 from fedortho.checkpoint import ClientStates
 from fedortho.config import RunConfig
-from fedortho.fedsvd import AggregationError, aggregate, check_update
-from fedortho.lora import trainable_names
+from fedortho.fedsvd import AggregationError, check_update
 from fedortho.runs import RunStopped, get_logger
 
 logger = get_logger()
@@ -40,6 +40,7 @@ class LoRAStrategy(FedAvg):
         # Flower's own node checks are not used: sample() and _discover() decide who trains.
         super().__init__(min_train_nodes=cfg.clients_per_round)
         self.cfg = cfg
+        self.rule = rules.rule(cfg.strategy)
         self.client_states = client_states
         self.run_key = ""  # names the run to nodes that keep their state on disk (the same when resumed)
         self.label_names = list(label_names)  # sent to nodes: their own data must label examples alike
@@ -207,7 +208,7 @@ class LoRAStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self.round_started = time.time()
         state = arrays.to_torch_state_dict()
-        held = set(protocol.held_names(state, self.cfg.strategy, self.cfg.train_head))
+        held = set(self.rule.held(state, self.cfg.train_head, server_round))
         travels = self.client_states is not None
         settings = {**self.cfg.to_dict(hyphenated=True), **config, protocol.SERVER_ROUND: server_round,
                     protocol.HELD_VERSION: self.held_version, protocol.STATE_TRAVELS: travels,
@@ -252,7 +253,7 @@ class LoRAStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        expected_names = trainable_names(self._global, self.cfg.strategy, self.cfg.train_head)
+        expected_names = self.rule.trainable(self._global, self.cfg.train_head, server_round)
         expected = {k: self._global[k] for k in expected_names}
         accepted: list[tuple[int, dict[str, torch.Tensor], float]] = []
         losses, exhausted, failures = [], 0, []
@@ -309,10 +310,13 @@ class LoRAStrategy(FedAvg):
         if not accepted:
             logger.warning("round %d: no usable client update; the global adapter is unchanged", server_round)
             return None, MetricRecord(metrics)
-        new_state = aggregate(self.cfg.strategy, self._global, [u for _, u, _ in accepted],
-                             [w for _, _, w in accepted], server_round, self.cfg.svd_period)
-        held = protocol.held_names(new_state, self.cfg.strategy, self.cfg.train_head)
-        if any(not torch.equal(new_state[k], self._global[k]) for k in held):
+        new_state = rules.aggregate(self.cfg.strategy, self._global, [u for _, u, _ in accepted],
+                             [w for _, _, w in accepted], server_round, self.cfg.svd_period, self.cfg.seed)
+        # What clients hold next round must be current: a new version if any of it changed, or
+        # if it is not what they held this round (rules that alternate the trained factor).
+        held_now = self.rule.held(new_state, self.cfg.train_head, server_round)
+        held_next = self.rule.held(new_state, self.cfg.train_head, server_round + 1)
+        if held_next != held_now or any(not torch.equal(new_state[k], self._global[k]) for k in held_next):
             self.held_version += 1
         return ArrayRecord({k: v.contiguous() for k, v in new_state.items()}), MetricRecord(metrics)
 

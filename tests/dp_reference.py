@@ -29,7 +29,8 @@ def replayed_noise(params, std, seed):
 def training_setup(cfg, batch_size=8):
     """A fresh model in train mode with its FedSVD trainables, client 0's data and a fixed batch."""
     from fedortho import data
-    from fedortho.lora import adapter_state, set_trainable, trainable_names
+    from fedortho.lora import adapter_state, set_trainable
+    from fedortho.rules import trainable_names
     from fedortho.worker import build_model
 
     model = build_model(cfg)

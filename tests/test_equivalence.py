@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fedortho.fedsvd import aggregate
+from fedortho.rules import aggregate
 from fedortho.lora import adapter_state
 from fedortho.worker import ClientWork, build_model, run_client_round
 

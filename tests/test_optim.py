@@ -285,7 +285,7 @@ def test_dp_wrapped_auon_step_equals_hand_made_clip_noise_and_step(tiny_cfg):
 @pytest.mark.parametrize("name", ["auon", "hybrid-auon", "muon", "normuon"])
 def test_a_tiny_federation_learns_with_each_optimizer(tiny_cfg, name):
     from fedortho import data
-    from fedortho.fedsvd import aggregate
+    from fedortho.rules import aggregate
     from fedortho.lora import adapter_state, load_adapter_state
     from fedortho.train import evaluate
     from fedortho.worker import ClientWork, build_model, run_client_round

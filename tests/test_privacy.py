@@ -6,7 +6,8 @@ from opacus.accountants import RDPAccountant
 
 from dp_reference import clipped_gradient_sum, replayed_noise, training_setup
 from fedortho import data, privacy
-from fedortho.lora import adapter_state, trainable_names
+from fedortho.lora import adapter_state
+from fedortho.rules import trainable_names
 from fedortho.train import train_client
 from fedortho.worker import build_model
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedortho.config import ConfigError, RunConfig
-from fedortho.fedsvd import aggregate
+from fedortho.rules import aggregate
 from fedortho.lora import adapter_state
 from fedortho.worker import ClientWork, build_model, run_client_round
 

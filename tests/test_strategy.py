@@ -145,6 +145,30 @@ def test_clients_hold_exactly_the_servers_a(tiny_cfg):
         assert held and all(torch.equal(held[k], global_before[k]) for k in held)
 
 
+@pytest.mark.parametrize("rule_name", ["rolora", "fedex", "flora"])
+def test_rules_that_change_what_clients_train_or_hold_run_through_the_client_app(tiny_cfg, rule_name):
+    """A deployment's path (each node keeps what it holds): every round each client sends
+    what the rule trains then and holds the server's current copy of the rest."""
+    from fedortho import rules
+
+    cfg = tiny_cfg.replace(strategy=rule_name, rounds=3, epsilon=math.inf)
+    rule = rules.rule(rule_name)
+    grid = LocalGrid(3)
+    strategy = LoRAStrategy(cfg)
+    states = []
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(build_model(cfg))), num_rounds=cfg.rounds,
+                   evaluate_fn=lambda rnd, arrays: states.append(arrays.to_torch_state_dict()) or None)
+    names = sorted(states[0])
+    assert [keys for _, keys in grid.received] == [rule.trainable(names, True, rnd) for rnd in (1, 2, 3) for _ in range(3)]
+    assert len(grid.held_by_client) == 9
+    for rnd, held in grid.held_by_client:
+        assert sorted(held) == rule.held(names, True, rnd)
+        assert all(torch.equal(held[k], states[rnd - 1][k]) for k in held)
+    assert [strategy.last_round["clients-replied"]] == [3]
+    moved = [k for k in names if not torch.equal(states[-1][k], states[0][k])]
+    assert any("lora_A" in k for k in moved) and (any("lora_folded" in k for k in moved) or rule_name == "rolora")
+
+
 def drop_metrics(node, reply):
     if node == 100:
         del reply.content["metrics"]
@@ -501,7 +525,7 @@ def test_a_client_sends_only_what_the_protocol_names(tiny_cfg, epsilon, opted_in
     metrics the protocol lists (diagnostics only where the node opted in, the training loss
     only without DP)."""
     from fedortho import protocol
-    from fedortho.lora import trainable_names
+    from fedortho.rules import trainable_names
 
     monkeypatch.delenv("FEDORTHO_REPORT_DIAGNOSTICS", raising=False)
     replies = []
