@@ -24,13 +24,17 @@ from fedortho.config import ConfigError, RunConfig
 Tensors = dict[str, torch.Tensor]
 
 FOLDED = "lora_folded"
+MIDDLE = "lora_R"  # Fed-SB's trained r x r matrix between the frozen B and A
 FOLDED_FILE = "folded.safetensors"  # beside a saved PEFT adapter whose run folded updates
 
 
-def attach_lora(base: torch.nn.Module, cfg: RunConfig, seed: int, folds: bool = False) -> torch.nn.Module:
-    """Wrap ``base`` with LoRA adapters (B = 0, A drawn from ``seed``) and a trainable head copy;
-    ``folds``: with a folded update per LoRA layer (zero)."""
+def attach_lora(base: torch.nn.Module, cfg: RunConfig, seed: int) -> torch.nn.Module:
+    """Wrap ``base`` with LoRA adapters (B = 0, A drawn from ``seed``) and a trainable head copy,
+    laid out as the run's aggregation rule needs: with a folded update per LoRA layer (zero)
+    for the rules that fold, with B, R and A from the pretrained weight for ``fedsb``."""
     from peft import LoraConfig, TaskType, get_peft_model
+
+    from fedortho import rules
 
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -51,7 +55,11 @@ def attach_lora(base: torch.nn.Module, cfg: RunConfig, seed: int, folds: bool = 
         # orthonormal: same row space, orthonormal rows (FedSVD's A after a round)
         load_adapter_state(model, {k: cfg.init_a_scale * _initial_a(v, cfg.init_a)
                                    for k, v in state.items() if "lora_A" in k})
-    if folds:
+    rule = rules.rule(cfg.strategy)
+    if rule.middle:
+        for layer in _lora_layers(model).values():
+            _add_middle(layer)
+    if rule.folds:
         for layer in _lora_layers(model).values():
             weight = layer.get_base_layer().weight
             layer.fedortho_w0 = weight.data  # the pretrained weight, shared read-only
@@ -103,6 +111,26 @@ def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
             if isinstance(module, LoraLayer)}
 
 
+def _add_middle(layer: torch.nn.Module, from_weight: bool = True) -> None:
+    """Fed-SB's layout: the update is B R A with B and A frozen and R (r x r) trained. R sits
+    between PEFT's A and B (applied to A's output by a forward hook; its state key is
+    ``<layer>.lora_R.weight``) and starts at 0, so the model starts as the pretrained one.
+    ``from_weight``: B and A are the top-r singular vectors of the pretrained weight W0
+    (B = U_r, A = V_r^T): a subspace chosen without data (see ``rules`` on Fed-SB)."""
+    a_module, b_module = layer.lora_A["default"], layer.lora_B["default"]
+    r = a_module.weight.shape[0]
+    if from_weight:
+        w0 = layer.get_base_layer().weight.detach().double()
+        u, _, vh = torch.linalg.svd(w0, full_matrices=False)
+        with torch.no_grad():
+            b_module.weight.copy_(u[:, :r].to(b_module.weight.dtype))
+            a_module.weight.copy_(vh[:r].to(a_module.weight.dtype))
+    middle = torch.nn.Linear(r, r, bias=False, dtype=a_module.weight.dtype, device=a_module.weight.device)
+    torch.nn.init.zeros_(middle.weight)
+    layer.lora_R = torch.nn.ModuleDict({"default": middle})
+    a_module.register_forward_hook(lambda module, inputs, output: middle(output))
+
+
 def _fold(layer: torch.nn.Module, folded: torch.Tensor) -> None:
     """Make the layer's frozen weight ``W0 + scaling * folded`` (W0 itself is never written:
     it is the model file's shared pages)."""
@@ -147,7 +175,15 @@ def load_adapter(base: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    model = PeftModel.from_pretrained(base, str(folder))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Fed-SB's R is not PEFT's: loaded below
+        model = PeftModel.from_pretrained(base, str(folder))
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    if any(MIDDLE in k for k in saved):
+        layers = _lora_layers(model)
+        for layer in layers.values():
+            _add_middle(layer, from_weight=False)
+        load_adapter_state(model, {k: v for k, v in saved.items() if MIDDLE in k})
     if (folder / FOLDED_FILE).exists():
         layers = _lora_layers(model)
         for name, folded in load_file(str(folder / FOLDED_FILE)).items():

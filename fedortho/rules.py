@@ -45,7 +45,8 @@ class Replies:
 
 
 def every_round(factors: str) -> Callable[[int], str]:
-    """The LoRA factors clients train, the same in every round: "B", "A" or "AB"."""
+    """The LoRA factors clients train, the same in every round: "B", "A", "AB", or "R" (the
+    r x r matrix of the ``middle`` layout)."""
 
     def trained(server_round: int) -> str:  # noqa: ARG001
         return factors
@@ -67,6 +68,7 @@ class Rule:
     rotates_kept_state: bool = False  # combine re-expresses A: kept optimizer state follows
     keeps_optimizer_state: bool = True  # optimizer-state = keep is meaningful under this rule
     folds: bool = False  # the state has a folded update per LoRA layer (fedortho.lora.FOLDED)
+    middle: bool = False  # the update is B R A, R trained between frozen B and A (fedortho.lora.MIDDLE)
 
     def trainable(self, names: Iterable[str], train_head: bool, server_round: int = 1) -> list[str]:
         """The adapter tensors clients train and send in ``server_round``: the factors the
@@ -75,7 +77,7 @@ class Rule:
         chosen = []
         for name in names:
             if ("lora_B" in name and "B" in factors) or ("lora_A" in name and "A" in factors) \
-                    or ("lora_" not in name and train_head):
+                    or ("lora_R" in name and "R" in factors) or ("lora_" not in name and train_head):
                 chosen.append(name)
         return sorted(chosen)
 
@@ -152,6 +154,18 @@ def _flora(replies: Replies) -> Tensors:
     return new
 
 
+def _fedsb(replies: Replies) -> Tensors:
+    """Fed-SB (Singhal et al., 2025), on LoRA-SB's layout: each update is B R A with B and A
+    frozen and only R (r x r) trained, so the mean of the clients' updates is B mean(R_i) A
+    exactly, and DP-SGD noises r^2 coordinates per layer instead of r (out + in) (64 against
+    6,144 for MiniLM's 384 x 384 layers at r = 8). LoRA-SB takes B and A from the truncated SVD
+    of the first step's full gradient, which is computed on training data: under DP that would
+    read private data without accounting for it. Here B and A are the top-r singular vectors of
+    the pretrained weight (B = U_r, A = V_r^T), chosen without any data, and R starts at 0, so
+    the model starts as the pretrained one and no budget is spent on the subspace."""
+    return mean_of_trained(replies)
+
+
 _RULES: dict[str, Rule] = {}
 _plugins_loaded = False
 
@@ -175,6 +189,8 @@ register(Rule("fedavg", "FedAvg-LoRA: average A and B separately (inexact: mean(
 register(Rule("rolora", "RoLoRA: train and average B in odd rounds, A in even ones (exact: the other "
                         "factor is the same for every client)", mean_of_trained, factors=alternating,
               keeps_optimizer_state=False))
+register(Rule("fedsb", "Fed-SB: train only R in B R A (B, A frozen: the pretrained weight's top singular "
+                       "vectors); average R (exact)", _fedsb, factors=every_round("R"), middle=True))
 register(Rule("fedex", "FedEx-LoRA: average A and B, and fold mean(B A) - mean(B) mean(A) into the "
                        "frozen weights (exact)", _fedex, factors=every_round("AB"), folds=True))
 register(Rule("flora", "FLoRA: fold the stacked clients' products into the frozen weights (exact); "

@@ -58,13 +58,13 @@ def build_model(cfg: RunConfig, label_names: tuple[str, ...] | None = None) -> t
     base = load_classifier(cfg.model, len(names), cfg.seed, cfg.pooling)
     if cfg.head_init == "zero-shot":
         set_head(base, zero_shot_head(base, load_tokenizer(cfg.model), label_texts(cfg, names), cfg.head_scale))
-    return attach_lora(base, cfg, cfg.seed, folds=rules.rule(cfg.strategy).folds)
+    return attach_lora(base, cfg, cfg.seed)
 
 
 def shared_model(cfg: RunConfig, label_names: tuple[str, ...] | None = None) -> torch.nn.Module:
     key = (cfg.model, cfg.pooling, cfg.init_a, cfg.init_a_scale, cfg.head_init, cfg.head_scale, cfg.label_texts,
            cfg.dataset, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
-           None if label_names is None else tuple(label_names), rules.rule(cfg.strategy).folds)
+           None if label_names is None else tuple(label_names), cfg.strategy)
     if key not in _MODELS:
         _MODELS.clear()  # one model per process: a new configuration replaces the old one
         _MODELS[key] = build_model(cfg, label_names).to(training_device())

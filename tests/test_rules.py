@@ -121,7 +121,7 @@ def test_replies_are_validated_before_any_rule_combines_them():
         rules._RULES.pop("probe")
 
 
-def random_adapters(seed, folds=False, layers=(("l0.q", 12, 20), ("l1.v", 9, 20)), r=4):
+def random_adapters(seed, folds=False, middle=False, layers=(("l0.q", 12, 20), ("l1.v", 9, 20)), r=4):
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, out, n_in in layers:
@@ -129,6 +129,8 @@ def random_adapters(seed, folds=False, layers=(("l0.q", 12, 20), ("l1.v", 9, 20)
         state[f"{name}.lora_B.weight"] = torch.randn(out, r, generator=g)
         if folds:
             state[f"{name}.lora_folded.weight"] = torch.randn(out, n_in, generator=g)
+        if middle:
+            state[f"{name}.lora_R.weight"] = torch.randn(r, r, generator=g)
     state["classifier.weight"] = torch.randn(2, 20, generator=g)
     return state
 
@@ -136,7 +138,8 @@ def random_adapters(seed, folds=False, layers=(("l0.q", 12, 20), ("l1.v", 9, 20)
 def client_updates(rule_name, global_state, server_round, seeds=(1, 2, 3)):
     """Each client's trained tensors: random, where the rule trains them."""
     trained = rules.rule(rule_name).trainable(global_state, True, server_round)
-    return [{k: random_adapters(s, rules.rule(rule_name).folds)[k] for k in trained} for s in seeds]
+    rule = rules.rule(rule_name)
+    return [{k: random_adapters(s, rule.folds, rule.middle)[k] for k in trained} for s in seeds]
 
 
 def mean64(tensors, weights):
@@ -145,10 +148,10 @@ def mean64(tensors, weights):
 
 
 @pytest.mark.parametrize("name, server_round", [("fedsvd", 1), ("ffa", 1), ("fedavg", 1), ("rolora", 1),
-                                                ("rolora", 2), ("fedex", 1), ("flora", 3)])
+                                                ("rolora", 2), ("fedex", 1), ("flora", 3), ("fedsb", 1)])
 def test_each_rule_against_a_float64_reference(name, server_round):
-    folds = rules.rule(name).folds
-    g = random_adapters(0, folds)
+    folds, middle = rules.rule(name).folds, rules.rule(name).middle
+    g = random_adapters(0, folds, middle)
     updates = client_updates(name, g, server_round)
     weights = [1.0, 2.0, 5.0]
     new = rules.aggregate(name, g, updates, weights, server_round, seed=7)
@@ -157,9 +160,11 @@ def test_each_rule_against_a_float64_reference(name, server_round):
                           atol=1e-6)
     for b_key in (k for k in g if "lora_B" in k):
         a_key, f_key = b_key.replace("lora_B", "lora_A"), b_key.replace("lora_B", "lora_folded")
+        r_key = b_key.replace("lora_B", "lora_R")
 
-        def update_of(state):  # a layer's whole update, in units of B A: folded, plus B A
-            return state[b_key].double() @ state[a_key].double() + (state[f_key].double() if folds else 0)
+        def update_of(state):  # a layer's whole update, in units of B A: folded, plus B (R) A
+            r = state[r_key].double() if middle else torch.eye(state[a_key].shape[0], dtype=torch.float64)
+            return state[b_key].double() @ r @ state[a_key].double() + (state[f_key].double() if folds else 0)
 
         # each client's model: what it trained, and the global value of what it did not
         exact = mean64([update_of({**g, **u}) for u in updates], weights)
@@ -172,6 +177,8 @@ def test_each_rule_against_a_float64_reference(name, server_round):
         if name in ("ffa", "rolora"):
             untouched = a_key if server_round % 2 else b_key
             assert torch.equal(new[untouched], g[untouched])
+        if name == "fedsb":  # B and A never change; R is averaged
+            assert torch.equal(new[a_key], g[a_key]) and torch.equal(new[b_key], g[b_key])
         if name == "fedsvd":
             a = new[a_key].double()
             assert torch.allclose(a @ a.T, torch.eye(a.shape[0], dtype=torch.float64), atol=1e-5)
@@ -209,7 +216,7 @@ def synthetic_dir(tmp_path_factory):
     return str(write_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "data", train_rows=600, test_rows=200))
 
 
-@pytest.mark.parametrize("name", ["fedsvd", "ffa", "fedavg", "rolora", "fedex", "flora"])
+@pytest.mark.parametrize("name", ["fedsvd", "ffa", "fedavg", "rolora", "fedex", "flora", "fedsb"])
 def test_a_tiny_federation_learns_under_each_rule(name, tiny_cfg, synthetic_dir):
     """Three clients, four rounds, the LoRA matrices alone (under the zero-shot head, frozen)
     on a task a word decides: the test loss falls."""
@@ -235,15 +242,16 @@ def test_a_tiny_federation_learns_under_each_rule(name, tiny_cfg, synthetic_dir)
     after = evaluate(model, test, precision="float32")[1]
     assert after < before - 0.15, (before, after)
     changed = {k for k in state if not torch.equal(state[k], start[k])}
-    assert any(("lora_folded" if rules.rule(name).folds else "lora_B") in k for k in changed)
-    assert any("lora_A" in k for k in changed) == (name != "ffa")
+    rule = rules.rule(name)
+    assert any(("lora_folded" if rule.folds else "lora_R" if rule.middle else "lora_B") in k for k in changed)
+    assert any("lora_A" in k for k in changed) == (name not in ("ffa", "fedsb"))
 
 
-@pytest.mark.parametrize("name", ["fedex", "flora"])
-def test_a_folding_rule_s_saved_model_is_the_evaluated_one(name, tiny_cfg, tmp_path):
-    """Updates folded into the frozen weights travel with the adapter state, reach the
-    clients' models, and are saved beside the PEFT adapter: reloaded, the model scores what
-    the server evaluated."""
+@pytest.mark.parametrize("name", ["fedex", "flora", "fedsb"])
+def test_a_rule_s_saved_model_is_the_evaluated_one(name, tiny_cfg, tmp_path):
+    """Updates folded into the frozen weights, and Fed-SB's R, travel with the adapter state,
+    reach the clients' models, and are saved with the PEFT adapter: reloaded with
+    ``load_adapter``, the model scores what the server evaluated."""
     import math
 
     from fedortho import data
@@ -255,13 +263,14 @@ def test_a_folding_rule_s_saved_model_is_the_evaluated_one(name, tiny_cfg, tmp_p
     cfg = tiny_cfg.replace(strategy=name, epsilon=math.inf, local_steps=2, lr=1.0)
     model = build_model(cfg)
     state = adapter_state(model)
-    assert any(FOLDED in k for k in state) and not any(state[k].any() for k in state if FOLDED in k)
+    extra = FOLDED if rules.rule(name).folds else "lora_R"
+    assert any(extra in k for k in state) and not any(state[k].any() for k in state if extra in k)
     for rnd in (1, 2):
         results = [run_client_round(ClientWork(cfg, pid, cfg.clients, rnd, state)) for pid in range(cfg.clients)]
-        assert not any(FOLDED in k for r in results for k in r.update)  # clients never send it
+        assert not any(FOLDED in k for r in results for k in r.update)  # clients never send a folded update
         state = rules.aggregate(name, state, [r.update for r in results], [r.num_examples for r in results], rnd,
                                 seed=cfg.seed)
-    assert all(state[k].abs().max() > 0 for k in state if FOLDED in k)
+    assert all(state[k].abs().max() > 0 for k in state if extra in k)
     load_adapter_state(model, state)
     assert all(torch.equal(adapter_state(model)[k], state[k]) for k in state)  # the state round-trips
     test = data.test_tensors(cfg)
@@ -276,3 +285,21 @@ def test_a_folding_rule_s_saved_model_is_the_evaluated_one(name, tiny_cfg, tmp_p
     bare = PeftModel.from_pretrained(load_classifier(cfg.model, 2, seed=1, pooling=cfg.pooling),
                                      str(tmp_path / "adapter"))
     assert evaluate(bare, test, precision="float32") != evaluated
+
+
+def test_fed_sb_starts_from_the_pretrained_model_in_its_top_singular_subspace(tiny_cfg):
+    """B and A come from the pretrained weight, not from data; R = 0: the model is the
+    pretrained one until clients train R."""
+    from fedortho.lora import adapter_state
+    from fedortho.worker import build_model
+
+    model = build_model(tiny_cfg.replace(strategy="fedsb"))
+    state = adapter_state(model)
+    weights = dict(model.named_parameters())
+    for r_key in (k for k in state if "lora_R" in k):
+        b, a = state[r_key.replace("lora_R", "lora_B")].double(), state[r_key.replace("lora_R", "lora_A")].double()
+        assert not state[r_key].any()
+        w0 = weights[r_key.replace("lora_R.weight", "base_layer.weight")].double()
+        s = torch.linalg.svdvals(w0)[: a.shape[0]]
+        assert torch.allclose(b.T @ w0 @ a.T, torch.diag(s), atol=1e-4)  # B, A: W0's top singular vectors
+        assert torch.allclose(b.T @ b, torch.eye(b.shape[1], dtype=torch.float64), atol=1e-5)

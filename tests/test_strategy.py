@@ -145,7 +145,7 @@ def test_clients_hold_exactly_the_servers_a(tiny_cfg):
         assert held and all(torch.equal(held[k], global_before[k]) for k in held)
 
 
-@pytest.mark.parametrize("rule_name", ["rolora", "fedex", "flora"])
+@pytest.mark.parametrize("rule_name", ["rolora", "fedex", "flora", "fedsb"])
 def test_rules_that_change_what_clients_train_or_hold_run_through_the_client_app(tiny_cfg, rule_name):
     """A deployment's path (each node keeps what it holds): every round each client sends
     what the rule trains then and holds the server's current copy of the rest."""
@@ -166,7 +166,8 @@ def test_rules_that_change_what_clients_train_or_hold_run_through_the_client_app
         assert all(torch.equal(held[k], states[rnd - 1][k]) for k in held)
     assert [strategy.last_round["clients-replied"]] == [3]
     moved = [k for k in names if not torch.equal(states[-1][k], states[0][k])]
-    assert any("lora_A" in k for k in moved) and (any("lora_folded" in k for k in moved) or rule_name == "rolora")
+    expected_moving = {"rolora": "lora_A", "fedex": "lora_folded", "flora": "lora_folded", "fedsb": "lora_R"}
+    assert any(expected_moving[rule_name] in k for k in moved)
 
 
 def drop_metrics(node, reply):
