@@ -251,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelLoadError, FileNotFoundError, NodeWorkerError, CheckpointError) as exc:
         print(f"fedortho: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`fedortho sweep F --dry-run | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is quiet
+        return 1
     except Exception as exc:  # what the ServerApp raised (run_simulation may wrap it in a RuntimeError)
         cause = exc.__cause__ or exc
         what = "the simulation stopped: " if args.command == "simulate" else ""

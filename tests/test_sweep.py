@@ -291,3 +291,16 @@ def test_a_cell_still_being_written_is_neither_deleted_nor_rerun(tmp_path):
     assert (busy / "metrics.jsonl").read_text() == '{"round": 0}\n'  # untouched
     assert any("epsilon-3_seed-0 failed: cell epsilon-3_seed-0: its run folder is still being written" in m
                for m in messages)
+
+
+def test_a_dry_run_whose_reader_goes_away_ends_quietly(tmp_path):
+    """`fedortho sweep F --dry-run | head`: more lines than a pipe holds, read one, close."""
+    seeds = ", ".join(str(s) for s in range(3000))
+    path = write(tmp_path, f'[sweep]\nname = "long"\n[base]\nrounds = 1\n[grid]\nseed = [{seeds}]\n')
+    proc = subprocess.Popen([sys.executable, "-m", "fedortho.cli", "sweep", str(path), "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"sweep long: 3000 cells")
+    proc.stdout.close()
+    errors = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert errors == ""
