@@ -241,12 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
         guard_this_process()  # Ray's processes end with this one, even if it is killed with SIGKILL
         _stop_cleanly_on_signals()
-        try:
-            simulate(cfg, args.client_cpus, args.ray_address, args.verbose, resume=resuming,
-                     on_ray_started=_stop_cleanly_on_signals, nodes=args.nodes, client_gpus=args.client_gpus)
-        except ConfigError as exc:  # the Ray cluster cannot host a client
-            print(f"fedortho: error: {exc}", file=sys.stderr)
-            _exit_now(2)
+        simulate(cfg, args.client_cpus, args.ray_address, args.verbose, resume=resuming,
+                 on_ray_started=_stop_cleanly_on_signals, nodes=args.nodes, client_gpus=args.client_gpus)
         _exit_now(0)
     except (ConfigError, DataError, ModelLoadError, FileNotFoundError, NodeWorkerError, CheckpointError) as exc:
         print(f"fedortho: error: {exc}", file=sys.stderr)

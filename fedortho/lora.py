@@ -20,11 +20,11 @@ from typing import Mapping
 import torch
 
 from fedortho.config import ConfigError, RunConfig
+from fedortho import rules
+from fedortho.rules import FOLDED, MIDDLE
 
 Tensors = dict[str, torch.Tensor]
 
-FOLDED = "lora_folded"
-MIDDLE = "lora_R"  # Fed-SB's trained r x r matrix between the frozen B and A
 FOLDED_FILE = "folded.safetensors"  # beside a saved PEFT adapter whose run folded updates
 
 
@@ -33,8 +33,6 @@ def attach_lora(base: torch.nn.Module, cfg: RunConfig, seed: int) -> torch.nn.Mo
     laid out as the run's aggregation rule needs: with a folded update per LoRA layer (zero)
     for the rules that fold, with B, R and A from the pretrained weight for ``fedsb``."""
     from peft import LoraConfig, TaskType, get_peft_model
-
-    from fedortho import rules
 
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -61,9 +59,7 @@ def attach_lora(base: torch.nn.Module, cfg: RunConfig, seed: int) -> torch.nn.Mo
             _add_middle(layer)
     if rule.folds:
         for layer in _lora_layers(model).values():
-            weight = layer.get_base_layer().weight
-            layer.fedortho_w0 = weight.data  # the pretrained weight, shared read-only
-            layer.fedortho_folded = torch.zeros_like(weight.data)
+            _enable_folding(layer)
     model.eval()  # training switches to train mode (the base model's dropout) and back
     return model
 
@@ -131,6 +127,14 @@ def _add_middle(layer: torch.nn.Module, from_weight: bool = True) -> None:
     a_module.register_forward_hook(lambda module, inputs, output: middle(output))
 
 
+def _enable_folding(layer: torch.nn.Module) -> None:
+    """Keep the layer's pretrained weight (shared read-only) to fold updates onto; nothing is
+    folded yet."""
+    weight = layer.get_base_layer().weight
+    layer.fedortho_w0 = weight.data
+    layer.fedortho_folded = torch.zeros_like(weight.data)
+
+
 def _fold(layer: torch.nn.Module, folded: torch.Tensor) -> None:
     """Make the layer's frozen weight ``W0 + scaling * folded`` (W0 itself is never written:
     it is the model file's shared pages)."""
@@ -189,7 +193,7 @@ def load_adapter(base: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
         for name, folded in load_file(str(folder / FOLDED_FILE)).items():
             if name not in layers:
                 raise KeyError(f"{folder / FOLDED_FILE}: '{name}' is not a LoRA layer of this model")
-            layers[name].fedortho_w0 = layers[name].get_base_layer().weight.data
+            _enable_folding(layers[name])
             _fold(layers[name], folded)
     model.eval()
     return model

@@ -25,6 +25,9 @@ import torch
 from fedortho.fedsvd import AggregationError, Tensors, check_update, lora_pairs, refactorize_all, weighted_mean
 
 ENTRY_POINTS = "fedortho.rules"
+# Adapter tensors beyond PEFT's A and B, named like them (``<layer>.<kind>.weight``):
+FOLDED = "lora_folded"  # an update folded into the frozen weight (fedex, flora; fedortho.lora)
+MIDDLE = "lora_R"  # Fed-SB's trained r x r matrix between the frozen B and A
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,8 @@ class Rule:
     factors: Callable[[int], str] = every_round("B")  # the LoRA factors clients train in a round
     rotates_kept_state: bool = False  # combine re-expresses A: kept optimizer state follows
     keeps_optimizer_state: bool = True  # optimizer-state = keep is meaningful under this rule
-    folds: bool = False  # the state has a folded update per LoRA layer (fedortho.lora.FOLDED)
-    middle: bool = False  # the update is B R A, R trained between frozen B and A (fedortho.lora.MIDDLE)
+    folds: bool = False  # the state has a folded update per LoRA layer (FOLDED)
+    middle: bool = False  # the update is B R A, R trained between frozen B and A (MIDDLE)
 
     def trainable(self, names: Iterable[str], train_head: bool, server_round: int = 1) -> list[str]:
         """The adapter tensors clients train and send in ``server_round``: the factors the
@@ -77,7 +80,7 @@ class Rule:
         chosen = []
         for name in names:
             if ("lora_B" in name and "B" in factors) or ("lora_A" in name and "A" in factors) \
-                    or ("lora_R" in name and "R" in factors) or ("lora_" not in name and train_head):
+                    or (MIDDLE in name and "R" in factors) or ("lora_" not in name and train_head):
                 chosen.append(name)
         return sorted(chosen)
 
@@ -107,12 +110,11 @@ def _products(replies: Replies, b_name: str, a_name: str) -> torch.Tensor:
     the global one where it did not train it."""
     g = replies.global_state
     parts = [u.get(b_name, g[b_name]).double() @ u.get(a_name, g[a_name]).double() for u in replies.updates]
-    total = float(sum(replies.weights))
-    return sum(p * (float(w) / total) for p, w in zip(parts, replies.weights))
+    return weighted_mean(parts, replies.weights)
 
 
 def _folded_name(b_name: str) -> str:
-    return b_name.split(".lora_B", 1)[0] + ".lora_folded.weight"
+    return b_name.split(".lora_B", 1)[0] + f".{FOLDED}.weight"
 
 
 def _fedex(replies: Replies) -> Tensors:

@@ -311,7 +311,7 @@ class LoRAStrategy(FedAvg):
             logger.warning("round %d: no usable client update; the global adapter is unchanged", server_round)
             return None, MetricRecord(metrics)
         new_state = rules.aggregate(self.cfg.strategy, self._global, [u for _, u, _ in accepted],
-                             [w for _, _, w in accepted], server_round, self.cfg.svd_period, self.cfg.seed)
+                                    [w for _, _, w in accepted], server_round, self.cfg.svd_period, self.cfg.seed)
         # What clients hold next round must be current: a new version if any of it changed, or
         # if it is not what they held this round (rules that alternate the trained factor).
         held_now = self.rule.held(new_state, self.cfg.train_head, server_round)
