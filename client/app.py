@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.state import from_records, to_records
-from fedortho import protocol, rules
+from fedortho import protocol, rules, userdp
 from fedortho.checkpoint import CheckpointError, load_node_state, save_node_state
 from fedortho.config import ConfigError, RunConfig
 from fedortho.faults import maybe_fail
@@ -327,9 +327,24 @@ def train(msg: Message, context: Context) -> Message:
         # The loss on the private batches is computed without clipping or noise: releasing
         # it would spend privacy no accountant counts, so only non-private runs report it.
         metrics["train-loss"] = result.train_loss
+    update = result.update
+    if cfg.user_private and cfg.clip_placement == "client":
+        update, within = _clipped_by_client(update, {**received, **held}, round_config)
+        if cfg.adaptive_clip:
+            metrics[protocol.WITHIN_CLIP] = int(within)
     metrics = MetricRecord(metrics)
     state = _travelling_state(context) if travels else {}
     if travels:
         _forget(context)
-    return Message(RecordDict({protocol.ARRAYS: ArrayRecord(result.update), protocol.METRICS: metrics, **state}),
+    return Message(RecordDict({protocol.ARRAYS: ArrayRecord(update), protocol.METRICS: metrics, **state}),
                    reply_to=msg)
+
+
+def _clipped_by_client(update: dict, global_state: dict, round_config) -> tuple[dict, bool]:
+    """User-level DP with clip-placement client: the update clipped to the round's clip before
+    it leaves the node, and whether it was within the clip already."""
+    if protocol.USER_CLIP not in round_config:
+        raise RuntimeError("user-level DP with clip-placement client, but the server sent no update clip; refusing")
+    clip = float(round_config[protocol.USER_CLIP])
+    clipped, norm = userdp.clip_update(update, global_state, clip)
+    return clipped, norm <= clip

@@ -64,6 +64,13 @@ def preflight(cfg: RunConfig, resuming: bool = False) -> None:
             plan_smallest_client(cfg)
         except BudgetTooSmall as exc:
             raise ConfigError(str(exc)) from None
+    if cfg.user_private:
+        from fedortho.userdp import UserPlanError, plan_for
+
+        try:
+            plan_for(cfg)
+        except UserPlanError as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.out and not resuming:  # last: a run that fails its other checks leaves no folder behind
         check_out_folder(Path(cfg.out), create=True)
 

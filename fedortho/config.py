@@ -46,6 +46,16 @@ class RunConfig:
     epsilon: float = field(default=6.0, metadata={"help": "target epsilon per client for the whole run (inf: no DP)"})
     delta: float = field(default=1e-5, metadata={"help": "target delta"})
     clip: float = field(default=2.0, metadata={"help": "per-sample gradient clipping norm"})
+    # user-level privacy (fedortho.userdp): a client's whole update is the unit
+    user_epsilon: float = field(default=math.inf, metadata={"help": "user-level DP: target epsilon per client (user) for the whole run, the server noising the clipped updates' sum (inf: off)"})
+    user_delta: float = field(default=1e-5, metadata={"help": "user-level DP: target delta"})
+    update_clip: float = field(default=1.0, metadata={"help": "user-level DP: L2 bound on a client's whole update (the first round's, with adaptive-clip)"})
+    clip_placement: str = field(default="server", metadata={"help": "user-level DP: who clips the updates: server (trusted server) | client (each its own; the server adds the noise)"})
+    adaptive_clip: bool = field(default=False, metadata={"help": "user-level DP: move update-clip towards clip-quantile of the update norms (noisy, accounted)"})
+    clip_quantile: float = field(default=0.5, metadata={"help": "adaptive-clip: the share of updates the clip should leave unclipped"})
+    clip_lr: float = field(default=0.2, metadata={"help": "adaptive-clip: geometric step of the clip per round"})
+    clip_count_stddev: float = field(default=0.0, metadata={"help": "adaptive-clip: noise on the count of unclipped updates (0: the noise cohort / 20)"})
+    noise_cohort_size: int = field(default=0, metadata={"help": "user-level DP: size the noise for cohorts of this many clients, simulating clients-per-round of them (0: off); epsilon is then for the simulated population"})
     # model
     model: str = field(default=EMBEDDED_MODEL, metadata={"help": "embedded model, Hugging Face id or local folder"})
     pooling: str = field(default="mean", metadata={"help": "mean (masked mean of hidden states, BERT) | model (the architecture's own head)"})
@@ -104,6 +114,10 @@ class RunConfig:
         return math.isfinite(self.epsilon)
 
     @property
+    def user_private(self) -> bool:
+        return math.isfinite(self.user_epsilon)
+
+    @property
     def targets(self) -> list[str]:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
@@ -143,6 +157,19 @@ class RunConfig:
         need(self.epsilon > 0, f"epsilon must be > 0 (or inf for no DP), got {self.epsilon}")
         need(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
         need(self.clip > 0 and math.isfinite(self.clip), f"clip must be a positive number, got {self.clip}")
+        need(self.user_epsilon > 0, f"user-epsilon must be > 0 (or inf for no user-level DP), got {self.user_epsilon}")
+        need(0 < self.user_delta < 1, f"user-delta must be in (0, 1), got {self.user_delta}")
+        need(self.update_clip > 0 and math.isfinite(self.update_clip),
+             f"update-clip must be a positive number, got {self.update_clip}")
+        need(self.clip_placement in ("server", "client"),
+             f"clip-placement must be server or client, got '{self.clip_placement}'")
+        need(0 <= self.clip_quantile <= 1, f"clip-quantile must be in [0, 1], got {self.clip_quantile}")
+        need(self.clip_lr > 0 and math.isfinite(self.clip_lr), f"clip-lr must be > 0, got {self.clip_lr}")
+        need(self.clip_count_stddev >= 0 and math.isfinite(self.clip_count_stddev),
+             f"clip-count-stddev must be >= 0, got {self.clip_count_stddev}")
+        need(self.noise_cohort_size == 0 or self.noise_cohort_size >= self.clients_per_round,
+             f"noise-cohort-size ({self.noise_cohort_size}) must be 0 (off) or at least clients-per-round "
+             f"({self.clients_per_round}): it is the deployment's cohort the simulation stands for")
         need(self.lr >= 0 and math.isfinite(self.lr), f"lr must be >= 0 (0: the optimizer's default), got {self.lr}")
         need(self.head_lr >= 0 and math.isfinite(self.head_lr), f"head-lr must be >= 0, got {self.head_lr}")
         need(0 < self.test_fraction < 1, f"test-fraction must be in (0, 1), got {self.test_fraction}")

@@ -26,8 +26,9 @@ STATE_TRAVELS = "state-travels"    # true: the client's state comes with the mes
 RUN_KEY = "run-key"                # names the run across restarts: a node's state file on disk is kept per run key
 PARTITION = "partition"            # the client (partition) to train: any in simulation, the node's own in deployment
 PLAN_RATES, PLAN_STEPS, PLAN_SIGMAS = "plan-sample-rates", "plan-steps", "plan-noise-multipliers"  # warm-up
+USER_CLIP = "user-clip"            # user-level DP, clip-placement client: the bound a client clips its update to
 PER_ROUND_KEYS = (SERVER_ROUND, HELD_VERSION, EPSILON_SEEN, LABEL_NAMES, STATE_TRAVELS, RUN_KEY,
-                  PARTITION, PLAN_RATES, PLAN_STEPS, PLAN_SIGMAS)  # not run settings
+                  PARTITION, PLAN_RATES, PLAN_STEPS, PLAN_SIGMAS, USER_CLIP)  # not run settings
 
 # In simulation a client's state (its records but the held tensors, which the server sends
 # every round instead) travels as records with this prefix: it then lives in the server's
@@ -42,6 +43,9 @@ REPLY_METRICS = ("num-examples", "epsilon", "noise-multiplier", "sample-rate", "
 EXHAUSTED_METRICS = ("num-examples", "budget-exhausted", "epsilon", HELD_VERSION)  # a client that sat out
 DIAGNOSTIC_METRICS = ("clipped-fraction", "lora-grad-norm", "head-grad-norm", "grad-samples")
 NON_PRIVATE_METRICS = ("train-loss",)
+# User-level DP, clip-placement client with adaptive clipping: 1 if the client's update was
+# within the round's clip before it clipped it (the server noises the count of these bits).
+WITHIN_CLIP = "update-within-clip"
 
 WARM_UP = "warm_up"  # the query action (message type "query.warm_up") that readies a simulation worker
 

@@ -23,7 +23,8 @@ from fedortho.sweep import RUN, STATUS, Sweep, cell_status, value_text
 METRICS = (("final accuracy", "final-accuracy", 4), ("best accuracy", "best-accuracy", 4),
            ("epsilon spent", "epsilon-spent", 2), ("wall time (s)", "wall-seconds", 0))
 # Shown when some cell recorded them (older runs and non-private runs lack some).
-OPTIONAL_METRICS = (("zero-shot accuracy", "zero-shot-accuracy", 4), ("noise multiplier", "noise-multiplier", 3),
+OPTIONAL_METRICS = (("zero-shot accuracy", "zero-shot-accuracy", 4), ("user epsilon spent", "user-epsilon-spent", 2),
+                    ("noise multiplier", "noise-multiplier", 3),
                     ("clipped fraction", "clipped-fraction", 3), ("LoRA grad norm", "lora-grad-norm", 3),
                     ("head grad norm", "head-grad-norm", 3))
 

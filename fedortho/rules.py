@@ -7,8 +7,8 @@ optimizer state for (FedSVD's new A: the client rotates its kept momentum along)
 
 ``aggregate`` runs every server step in two stages: ``validated`` checks the replies
 (names, shapes, finite values, positive weights) and the rule's ``combine`` then computes
-the new state from them. Anything applied to the replies as a whole, such as server-side
-clipping and noise, belongs between the two.
+the new state from them. Anything applied to the replies as a whole belongs between the two:
+user-level DP's clipping and noise (``fedortho.userdp``) does.
 
 Rules outside this package register through the ``fedortho.rules`` entry-point group: a
 distribution that declares ``name = module:RULE`` (``RULE`` a ``Rule``) makes ``name`` a
@@ -258,10 +258,25 @@ def validated(rule_: Rule, global_state: Mapping[str, torch.Tensor], updates: Se
         check_update(update, expected, f"update {i}")
 
 
+Privatize = Callable[[Sequence[Mapping[str, torch.Tensor]]], Mapping[str, torch.Tensor]]
+
+
 def aggregate(name: str, global_state: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]],
-              weights: Sequence[float], server_round: int, svd_period: int = 1, seed: int = 0) -> Tensors:
-    """One server step of rule ``name``: the new global adapter state."""
+              weights: Sequence[float], server_round: int, svd_period: int = 1, seed: int = 0,
+              privatize: Privatize | None = None) -> Tensors:
+    """One server step of rule ``name``: the new global adapter state.
+
+    ``privatize`` (user-level DP, ``fedortho.userdp``) turns the validated updates into one
+    noisy mean, which the rule then combines as the only reply: what the rule does after it
+    (FedSVD's refactorization) is post-processing. The server then sees no single client's
+    update, so a rule that combines the clients' products sees only the product of the means:
+    FedEx's residual is zero and FLoRA folds the noisy means' product. Under user-level DP
+    every client counts alike (a fixed denominator), not by its number of examples, and a
+    round whose cohort is empty still releases its noise.
+    """
     chosen = rule(name)
-    validated(chosen, global_state, updates, weights, server_round)
-    # Here, between validation and combination, server-side privacy will act on the replies.
+    if updates or privatize is None:
+        validated(chosen, global_state, updates, weights, server_round)
+    if privatize is not None:
+        updates, weights = [privatize(updates)], [1.0]
     return chosen.combine(Replies(global_state, updates, weights, server_round, svd_period, seed))

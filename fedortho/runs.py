@@ -234,8 +234,9 @@ class RunRecorder:
             eps = row.get("epsilon")
             eps_text = "-" if eps is None else ("inf" if not math.isfinite(eps) else f"{eps:.2f}")
             accuracy, loss = row.get("test-accuracy"), row.get("test-loss")
+            user = f"  user epsilon {row['user-epsilon']:.2f}" if "user-epsilon" in row else ""
             print(f"round {row['round']:>3}/{self.cfg.rounds}  accuracy {_text(accuracy, 4)}  "
-                  f"loss {_text(loss, 4)}  epsilon {eps_text}  clients {row.get('clients-replied', '-')}  "
+                  f"loss {_text(loss, 4)}  epsilon {eps_text}{user}  clients {row.get('clients-replied', '-')}  "
                   f"{row.get('round-seconds', 0.0):.1f}s", flush=True)
 
     def record_clients(self, server_round: int, rows: list[dict[str, Any]]) -> None:
@@ -255,7 +256,8 @@ class RunRecorder:
         evaluated = [r for r in self.rows if "test-accuracy" in r]
         last = evaluated[-1] if evaluated else {}
         trained = [r for r in self.rows if r["round"] > 0]
-        empty = sum(1 for r in trained if r.get("clients-replied") == 0)
+        # (under user-level DP a round without updates still released its noise: not empty)
+        empty = sum(1 for r in trained if r.get("clients-replied") == 0 and "user-epsilon" not in r)
         summary = {
             "strategy": self.cfg.strategy, "epsilon-target": self.cfg.epsilon, "rounds": self.cfg.rounds,
             "final-accuracy": last.get("test-accuracy"), "final-loss": last.get("test-loss"),
@@ -265,6 +267,9 @@ class RunRecorder:
                                  default=0.0 if self.cfg.private else math.inf),
             "wall-seconds": round(time.time() - self.started, 2), **diagnostics_summary(trained),
             "empty-rounds": empty,
+            **({"user-epsilon-target": self.cfg.user_epsilon,
+                "user-epsilon-spent": max((r["user-epsilon"] for r in trained if "user-epsilon" in r), default=0.0)}
+               if self.cfg.user_private else {}),
             # rounds in which some sampled client failed or sent an update that was rejected
             "degraded-rounds": sum(1 for r in trained if r.get("clients-failed", 0) > 0),
             "failed-client-calls": sum(int(r.get("clients-failed", 0)) for r in trained),

@@ -55,6 +55,8 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
     model = build_model(cfg)  # the server's copy, for evaluation and for saving the adapter
     test = data.test_tensors(cfg)
     strategy = LoRAStrategy(cfg, data.splits_for(cfg).label_names, clients if state_travels else None)
+    if strategy.user_dp:
+        print(f"fedortho: {strategy.user_dp.plan.describe()}", flush=True)
     if checkpoint is not None:
         strategy.load_state_dict(checkpoint.server)
     else:
@@ -108,6 +110,7 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
                                    "zero-shot-accuracy": zero_shot, "completed": finished,
                                    # from this process's start to the first round it ran
                                    "startup-seconds": startup,
+                                   **({"user-dp": strategy.user_dp.plan.describe()} if strategy.user_dp else {}),
                                    **({"stopped": stopped} if stopped else {})})
     if stopped:
         saved = max((r["round"] for r in recorder.rows), default=0)
@@ -121,6 +124,9 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
     final = summary["final-accuracy"]
     print(f"fedortho: final accuracy {'-' if final is None else f'{final:.4f}'} (zero-shot head "
           f"{'-' if zero_shot is None else f'{zero_shot:.4f}'}), epsilon spent {summary['epsilon-spent']:.3f}, "
+          + (f"user-level epsilon spent {summary['user-epsilon-spent']:.3f}"
+             f"{' (for the simulated population)' if strategy.user_dp.plan.simulated_population else ''}, "
+             if strategy.user_dp else "") +
           f"{summary['wall-seconds']:.0f}s; outputs in {out}", flush=True)
     return summary
 

@@ -21,9 +21,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from client.state import from_records, to_records
-from fedortho import privacy, protocol, rules
+from fedortho import privacy, protocol, rules, userdp
 from fedortho.checkpoint import ClientStates
-from fedortho.config import RunConfig
+from fedortho.config import ConfigError, RunConfig
 from fedortho.fedsvd import AggregationError, check_update
 from fedortho.runs import RunStopped, get_logger
 
@@ -56,18 +56,23 @@ class LoRAStrategy(FedAvg):
         self.last_clients: list[dict] = []  # one row per client that replied in the last round
         self.round_started = time.time()
         self._global: dict[str, torch.Tensor] = {}
+        # A simulation's noise follows its seed, to reproduce; a deployment's comes from the OS.
+        self.user_dp = user_mechanism(cfg, seed=cfg.seed if client_states is not None else None)
 
     def state_dict(self) -> dict:
         """What the next rounds depend on, as JSON: a resumed run samples, versions and checks
         the clients' privacy histories exactly as the uninterrupted run would."""
         return {"rng": self.rng.bit_generator.state, "held-version": self.held_version, "run-key": self.run_key,
-                "epsilon-of-partition": {str(p): e for p, e in sorted(self.epsilon_of_partition.items())}}
+                "epsilon-of-partition": {str(p): e for p, e in sorted(self.epsilon_of_partition.items())},
+                **({"user-dp": self.user_dp.state_dict()} if self.user_dp else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
         self.run_key = str(state["run-key"])
         self.held_version = int(state["held-version"])
         self.epsilon_of_partition = {int(p): float(e) for p, e in state["epsilon-of-partition"].items()}
+        if self.user_dp:
+            self.user_dp.load_state_dict(state["user-dp"])
 
     def summary(self) -> None:
         c = self.cfg
@@ -75,6 +80,9 @@ class LoRAStrategy(FedAvg):
             c.clients, c.svd_period)
         log(INFO, "\t└──> epsilon %s, delta %g, clip %g, %s lr %g, %d local steps", c.epsilon, c.delta, c.clip,
             c.optimizer, c.lr, c.local_steps)
+        if self.user_dp:
+            log(INFO, "\t└──> %s; %s clips at %g%s", self.user_dp.plan.describe(), c.clip_placement, c.update_clip,
+                " (adaptive)" if c.adaptive_clip else "")
 
     # -- node discovery and sampling ----------------------------------------------------
     def _discover(self, grid: Grid) -> None:
@@ -146,8 +154,7 @@ class LoRAStrategy(FedAvg):
         """
         if self.client_states is not None:
             nodes = self._workers(grid)
-            chosen = sorted(int(p) for p in self.rng.choice(self.cfg.clients, size=self.cfg.clients_per_round,
-                                                              replace=False))
+            chosen = self._cohort(range(self.cfg.clients))
             return [(p, nodes[i % len(nodes)]) for i, p in enumerate(chosen)]
         deadline = time.time() + CLIENT_WAIT_SECONDS
         last_note = 0.0
@@ -167,8 +174,16 @@ class LoRAStrategy(FedAvg):
                             len(by_partition), self.cfg.clients_per_round, sorted(gone) or "-")
                 last_note = time.time()
             time.sleep(5)  # each look asks the undecided nodes again: one ClientApp process each
-        chosen = self.rng.choice(sorted(by_partition), size=self.cfg.clients_per_round, replace=False)
-        return [(int(p), by_partition[int(p)]) for p in sorted(chosen)]
+        return [(p, by_partition[p]) for p in self._cohort(sorted(by_partition))]
+
+    def _cohort(self, partitions) -> list[int]:
+        """The round's clients among ``partitions``: ``clients-per-round`` of them drawn without
+        replacement, or under user-level DP each with probability clients-per-round / clients
+        (Poisson sampling, as its accountant assumes; a cohort's size then varies)."""
+        partitions = list(partitions)
+        if self.user_dp:
+            return userdp.poisson_cohort(self.rng, partitions, self.user_dp.plan.sample_rate)
+        return sorted(int(p) for p in self.rng.choice(partitions, size=self.cfg.clients_per_round, replace=False))
 
     def warm_up(self, grid: Grid) -> list[str]:
         """Simulation: ask every simulated node to ready its worker (model, data, noise plan)
@@ -212,7 +227,8 @@ class LoRAStrategy(FedAvg):
         travels = self.client_states is not None
         settings = {**self.cfg.to_dict(hyphenated=True), **config, protocol.SERVER_ROUND: server_round,
                     protocol.HELD_VERSION: self.held_version, protocol.STATE_TRAVELS: travels,
-                    protocol.RUN_KEY: self.run_key}
+                    protocol.RUN_KEY: self.run_key,
+                    **({protocol.USER_CLIP: self.user_dp.clip} if self.user_dp else {})}
         messages = []
         for partition, node in self.sample(grid):
             up_to_date = not travels and self.held_version_at_node.get(node) == self.held_version
@@ -248,14 +264,29 @@ class LoRAStrategy(FedAvg):
             raise AggregationError(f"num-examples must be a positive number, got {weight}")
         update = reply.content[protocol.ARRAYS].to_torch_state_dict()
         check_update(update, expected, who)
+        within = None
+        if self.user_dp and self.cfg.clip_placement == "client":
+            within = self._check_client_clip(update, expected, info)
         self.last_clients.append(_client_row(partition, info))  # only what was used
-        return update, weight, float(info.get("train-loss", math.nan))  # absent under DP
+        return update, weight, float(info.get("train-loss", math.nan)), within  # no loss under DP
+
+    def _check_client_clip(self, update, expected, info) -> bool | None:
+        """A client that clips its own update must stay within the round's clip; its bit
+        (whether the update was within it before clipping) feeds adaptive clipping."""
+        norm, clip = userdp.update_norm(update, expected), self.user_dp.clip
+        if norm > clip * (1 + 1e-5):
+            raise AggregationError(f"update norm {norm:.6g} exceeds update-clip {clip:.6g} (clip-placement client)")
+        if not self.cfg.adaptive_clip:
+            return None
+        if protocol.WITHIN_CLIP not in info:
+            raise AggregationError(f"no '{protocol.WITHIN_CLIP}' bit, which adaptive clipping needs")
+        return bool(int(info[protocol.WITHIN_CLIP]))
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         expected_names = self.rule.trainable(self._global, self.cfg.train_head, server_round)
         expected = {k: self._global[k] for k in expected_names}
-        accepted: list[tuple[int, dict[str, torch.Tensor], float]] = []
+        accepted: list[tuple[int, dict[str, torch.Tensor], float, bool | None]] = []
         losses, exhausted, failures = [], 0, []
         self.last_clients = []
         for reply in replies:
@@ -286,13 +317,14 @@ class LoRAStrategy(FedAvg):
                 logger.warning("%s sat the round out: privacy budget exhausted (epsilon %.3f)", who,
                                self.epsilon_of_partition[partition])
                 continue
-            update, weight, loss = read
-            accepted.append((partition, update, weight))
+            update, weight, loss, within = read
+            accepted.append((partition, update, weight, within))
             if math.isfinite(loss):  # NaN under DP, or when every Poisson batch came out empty
                 losses.append((loss, weight))
         accepted.sort(key=lambda item: item[0])  # a fixed summation order keeps runs reproducible
         succeeded = len(accepted) + exhausted
-        if succeeded < self.cfg.min_clients:
+        # a Poisson cohort may be smaller than min-clients, or empty, by design
+        if succeeded < min(self.cfg.min_clients, len(self._sent) if self.user_dp else self.cfg.min_clients):
             raise RunStopped(f"round {server_round}: {succeeded} of {len(self._sent)} sampled clients succeeded, "
                              f"fewer than min-clients={self.cfg.min_clients}"
                              + (f" ({failures[0]})" if failures else ""))
@@ -307,11 +339,22 @@ class LoRAStrategy(FedAvg):
         metrics.update(round_diagnostics(self.last_clients))
         self.last_clients.sort(key=lambda row: row["partition"])
         self.last_round = metrics
-        if not accepted:
+        if not accepted and not self.user_dp:
             logger.warning("round %d: no usable client update; the global adapter is unchanged", server_round)
             return None, MetricRecord(metrics)
-        new_state = rules.aggregate(self.cfg.strategy, self._global, [u for _, u, _ in accepted],
-                                    [w for _, _, w in accepted], server_round, self.cfg.svd_period, self.cfg.seed)
+        privatize = None
+        if self.user_dp:
+            def privatize(updates):
+                noisy, release = self.user_dp.privatize(self._global, expected_names, updates, server_round,
+                                                        [w for *_, w in accepted])
+                metrics.update(user_metrics(release))
+                return noisy
+        try:
+            new_state = rules.aggregate(self.cfg.strategy, self._global, [u for _, u, _, _ in accepted],
+                                        [w for _, _, w, _ in accepted], server_round, self.cfg.svd_period,
+                                        self.cfg.seed, privatize)
+        except privacy.BudgetExhausted as exc:
+            raise RunStopped(f"round {server_round}: {exc}") from None
         # What clients hold next round must be current: a new version if any of it changed, or
         # if it is not what they held this round (rules that alternate the trained factor).
         held_now = self.rule.held(new_state, self.cfg.train_head, server_round)
@@ -319,6 +362,28 @@ class LoRAStrategy(FedAvg):
         if held_next != held_now or any(not torch.equal(new_state[k], self._global[k]) for k in held_next):
             self.held_version += 1
         return ArrayRecord({k: v.contiguous() for k, v in new_state.items()}), MetricRecord(metrics)
+
+
+def user_mechanism(cfg: RunConfig, seed: int | None) -> userdp.UserLevelDP | None:
+    """The run's user-level DP mechanism (None without user-level DP); a plan that cannot be
+    made is a ConfigError."""
+    try:
+        plan = userdp.plan_for(cfg)
+    except userdp.UserPlanError as exc:
+        raise ConfigError(str(exc)) from None
+    if plan is None:
+        return None
+    return userdp.UserLevelDP(plan, cfg.update_clip, cfg.clip_placement, cfg.adaptive_clip, cfg.clip_quantile,
+                              cfg.clip_lr, seed)
+
+
+def user_metrics(release: userdp.Release) -> dict:
+    """A round's user-level record: cumulative epsilon, the clip it used and the clip for the
+    next round, and (adaptive clipping) the noisy share of updates within the clip."""
+    out = {"user-epsilon": release.epsilon, "update-clip": release.clip, "cohort": release.cohort}
+    if release.unclipped_fraction is not None:
+        out["unclipped-fraction"] = release.unclipped_fraction
+    return out
 
 
 def _state_records(state: dict | None) -> dict:

@@ -145,3 +145,17 @@ def test_a_missing_model_folder_is_named_as_such(tmp_path):
 
     with pytest.raises(ModelLoadError, match=f"model folder {tmp_path}/none does not exist"):
         check_model(str(tmp_path / "none"), "mean")
+
+
+def test_the_app_configs_defaults_are_the_run_configs():
+    """`flwr run` reads settings from pyproject.toml: its keys must be RunConfig's, with the
+    same defaults, and the user-level DP settings must be there to be overridden."""
+    import tomllib
+    from pathlib import Path
+
+    from fedortho.config import RunConfig
+
+    app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = RunConfig().to_dict(hyphenated=True)
+    assert {k: v for k, v in app.items()} == {k: defaults[k] for k in app}
+    assert {"user-epsilon", "update-clip", "clip-placement", "adaptive-clip", "noise-cohort-size"} <= set(app)

@@ -214,3 +214,23 @@ def test_an_unplannable_epsilon_fails_before_the_simulation_starts(tmp_path, tin
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()  # nothing started
 
+
+
+def test_user_level_and_record_level_dp_together_in_a_simulation(tmp_path, tiny_model_dir, hf_dataset_dir):
+    """Both budgets reported, each for its unit; the user-level one for the simulated population
+    of a 300-client noise cohort, said so in the summary and the last line."""
+    from fedortho import userdp
+    from test_userdp import opacus_epsilon
+
+    out = tmp_path / "user"
+    proc = simulate(out, tiny_model_dir, hf_dataset_dir, "--user-epsilon", "3", "--update-clip", "0.1",
+                    "--adaptive-clip", "true", "--noise-cohort-size", "300", "--clip-placement", "client")
+    plan = userdp.plan(3.0, 1e-5, 3, 3, 2, adaptive=True, noise_cohort_size=300)
+    metrics = rows(out)[1:]
+    assert [r["user-epsilon"] for r in metrics] == pytest.approx(
+        [opacus_epsilon(plan.noise_multiplier, 1.0, n, 1e-5) for n in (1, 2)], rel=1e-9)
+    assert all(0 < r["epsilon"] <= 6.0 for r in metrics)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["user-epsilon-spent"] == metrics[-1]["user-epsilon"] <= 3.0
+    assert "simulated population of 300 users" in summary["user-dp"]
+    assert "user-level epsilon spent" in proc.stdout and "(for the simulated population)" in proc.stdout
