@@ -11,6 +11,7 @@ the index. Prints a table.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -24,6 +25,7 @@ from fedortho.config import RunConfig
 from fedortho.lora import adapter_state
 from fedortho.rules import trainable_names
 from fedortho.models import save_tiny_bert
+from fedortho.privacy import NoisePlan, PrivacyState
 from fedortho.worker import build_model
 
 COHORT = 10
@@ -34,9 +36,8 @@ def client_state(adapter: dict[str, torch.Tensor], cfg: RunConfig, keep: bool) -
     trained = trainable_names(adapter, cfg.strategy, cfg.train_head)
     held = protocol.held_names(adapter, cfg.strategy, cfg.train_head)
     state = {
-        "privacy": {"config": {"noise-multipliers": [1.2], "sample-rates": [0.02], "steps": [6],
-                               "plan-sample-rate": 0.02, "plan-steps": 24, "plan-noise-multiplier": 1.2,
-                               "plan-prior": "[]", "run-epsilon": 6.0, "run-delta": 1e-5, "run-clip": 2.0}},
+        "privacy": {"config": {"state": json.dumps(PrivacyState(6.0, 1e-5, 2.0, [(1.2, 0.02, 6)],
+                                                                 NoisePlan(1.2, 0.02, 24)).state_dict())}},
         "participation": {"config": {"rounds": 3}},
     }
     if keep:

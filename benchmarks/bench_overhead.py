@@ -4,7 +4,7 @@ For each workload, two processes run one after the other on the same machine:
 
 * ``plain loop``: one process that samples clients as the server does (the same seeded
   generator), calls ``fedortho.worker.run_client_round`` for each sampled client with its
-  accountant history, aggregates with ``fedortho.fedsvd.aggregate`` and evaluates the
+  privacy state, aggregates with ``fedortho.rules.aggregate`` and evaluates the
   global adapter on the test split as the server does (zero-shot head, round 0, every round);
 * ``fedortho simulate``: the same run through Flower's simulation engine and Ray.
 
@@ -66,7 +66,7 @@ def plain_loop(settings: dict, out: Path) -> None:
     evaluate(model, test, precision=cfg.eval_precision)
     first_round = time.time()
     rng = np.random.default_rng(cfg.seed)  # the server's sampling
-    histories: dict[int, list] = {}
+    histories: dict[int, object] = {}  # each client's PrivacyState
     round_seconds, accuracy = [], None
     for server_round in range(1, cfg.rounds + 1):
         begun = time.time()
@@ -75,10 +75,10 @@ def plain_loop(settings: dict, out: Path) -> None:
         for partition in chosen:
             try:
                 result = run_client_round(ClientWork(cfg, partition, cfg.clients, server_round, state,
-                                                     history=histories.get(partition, [])))
+                                                     privacy=histories.get(partition)))
             except BudgetExhausted:  # the client sits the round out, as in the simulation
                 continue
-            histories[partition] = result.history
+            histories[partition] = result.privacy
             results.append(result)
         if not results:
             raise SystemExit(f"round {server_round}: every sampled client has exhausted its budget")

@@ -38,14 +38,14 @@ from fedortho.faults import maybe_fail
 from fedortho.node import NodeConfigError, NodeSettings
 from fedortho.optim.rotation import rotate_saved_state
 from fedortho.nodeworker import InProcess, NodeWorkerClient
-from fedortho.privacy import BudgetExhausted, LedgerError, PrivacyLedger
+from fedortho.privacy import BudgetExhausted, LedgerError, NoisePlan, PrivacyLedger, PrivacyState
 from fedortho.worker import ClientWork
 
 app = ClientApp()
 
 STATE_HELD = "held-tensors"
 STATE_HELD_META = "held-meta"
-STATE_PRIVACY = "privacy"
+STATE_PRIVACY = "privacy"  # the client's PrivacyState, as its state dict in JSON (one record)
 STATE_OPTIMIZER = "optimizer-tensors"
 STATE_OPTIMIZER_SCALARS = "optimizer-scalars"
 STATE_OPTIMIZER_BASIS = "optimizer-basis"  # the A the kept optimizer state is expressed in
@@ -74,13 +74,24 @@ def _run_config(msg: Message) -> RunConfig:
 def _config(msg: Message, node: NodeSettings, context: Context) -> RunConfig:
     cfg = _run_config(msg)
     node.check_privacy(cfg)
-    if STATE_PRIVACY in context.state:  # the budget may not change once spending has begun
-        p = context.state[STATE_PRIVACY]
+    kept = _kept_privacy(context)
+    if kept is not None:  # the budget may not change once spending has begun
         for key in protocol.PRIVACY_KEYS:
-            if float(p[f"run-{key}"]) != float(getattr(cfg, key)):
-                raise RuntimeError(f"{key} changed from {p[f'run-{key}']} to {getattr(cfg, key)} during the run; "
+            if float(getattr(kept, key)) != float(getattr(cfg, key)):
+                raise RuntimeError(f"{key} changed from {getattr(kept, key)} to {getattr(cfg, key)} during the run; "
                                    "refusing to train")
     return cfg
+
+
+def _kept_privacy(context: Context) -> PrivacyState | None:
+    """The PrivacyState this client kept from its earlier rounds of the run (None before its first)."""
+    if STATE_PRIVACY not in context.state:
+        return None
+    try:
+        return PrivacyState.from_state_dict(json.loads(str(context.state[STATE_PRIVACY]["state"])))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RuntimeError(f"this client's privacy state is unreadable ({type(exc).__name__}); refusing to train") \
+            from None
 
 
 def _backend(node: NodeSettings):
@@ -129,34 +140,28 @@ def _kept_optimizer_state(cfg: RunConfig, context: Context, held: dict):
     return tensors, scalars
 
 
-def _privacy_past(cfg: RunConfig, context: Context, ledger: PrivacyLedger | None, seen: float, backend):
-    """(history, prior, spent, plan): everything this client's data has spent so far, the part
-    spent before this run (which its noise plan accounts for), the epsilon of the whole, and
-    the noise plan made in an earlier round (None in the first). Refuses to go on if spending
-    the server has seen (``seen``) or this run's own history is missing from what it finds."""
-    history, prior, plan = [], None, None
-    if STATE_PRIVACY in context.state:
-        p = context.state[STATE_PRIVACY]
-        history = list(zip(p["noise-multipliers"], p["sample-rates"], p["steps"]))
-        prior = json.loads(str(p.get("plan-prior", "[]")))
-        # The plan travels with the client: whichever process trains it next does not redo it.
-        plan = (cfg.epsilon, cfg.delta, float(p["plan-sample-rate"]), int(p["plan-steps"]),
-                float(p["plan-noise-multiplier"]), prior)
+def _privacy_past(cfg: RunConfig, context: Context, ledger: PrivacyLedger | None, seen: float,
+                  backend) -> tuple[PrivacyState, float]:
+    """(state, spent): this client's PrivacyState with everything its data has spent so far
+    (with a ledger, every run's rounds on this node, this run's included), and its epsilon.
+    The state's noise plan, made in the client's first round, travels with it: whichever
+    process trains it next does not redo it, and a plan made after a ledger's earlier runs
+    keeps covering what they left. Refuses to go on if spending the server has seen
+    (``seen``) or this run's own history is missing from what it finds."""
+    state = _kept_privacy(context) or PrivacyState(cfg.epsilon, cfg.delta, cfg.clip)
     # Epsilon is computed by the backend: in a node worker, Opacus is imported once, not per message.
-    spent = backend.spent_epsilon(history, cfg.delta)
+    spent = backend.spent_epsilon(state.history, cfg.delta)
     if ledger is not None:
-        history = ledger.read()  # every run's rounds on this node, this run's included
-        in_ledger = backend.spent_epsilon(history, cfg.delta)
+        state.history = ledger.read()
+        in_ledger = backend.spent_epsilon(state.history, cfg.delta)
         if in_ledger < spent - 1e-9:
             raise RuntimeError(f"privacy ledger {ledger.path} shows less spending than this run's own "
                                "history (was it replaced or removed?); refusing to train")
         spent = in_ledger
-    if prior is None:  # this client's first round of the run: the plan covers what is left
-        prior = list(history)
     if cfg.private and seen > spent + 1e-9:
         raise RuntimeError(f"this client's privacy history is missing (the server saw it spend epsilon "
                            f"{seen:.3f}, its state shows {spent:.3f}); refusing to train")
-    return history, prior, spent, plan
+    return state, spent
 
 
 def _reports_diagnostics(node: NodeSettings) -> bool:
@@ -186,7 +191,7 @@ def warm_up(msg: Message, context: Context) -> Message:
     # machine's own process: a deployed client plans its noise itself.
     plans = list(zip(config.get(protocol.PLAN_RATES, []), config.get(protocol.PLAN_STEPS, []),
                      config.get(protocol.PLAN_SIGMAS, []))) if os.environ.get(SIMULATION_ENV) == "1" else []
-    warm_up_worker(_run_config(msg), [(float(q), int(n), float(s)) for q, n, s in plans])
+    warm_up_worker(_run_config(msg), [NoisePlan(float(s), float(q), int(n)) for q, n, s in plans])
     return Message(RecordDict({protocol.INFO: ConfigRecord({})}), reply_to=msg)
 
 
@@ -272,16 +277,15 @@ def train(msg: Message, context: Context) -> Message:
 
     ledger = node.privacy_ledger(cfg)
     with ledger.locked() if ledger is not None else nullcontext():
-        history, prior, spent, plan = _privacy_past(cfg, context, ledger,
-                                                    float(round_config.get(protocol.EPSILON_SEEN, 0.0)), backend)
+        past, spent = _privacy_past(cfg, context, ledger, float(round_config.get(protocol.EPSILON_SEEN, 0.0)),
+                                    backend)
         secure = node.secure_noise
         work = ClientWork(cfg=cfg, partition_id=partition_id, num_partitions=num_partitions,
                           server_round=int(round_config[protocol.SERVER_ROUND]), global_state={**received, **held},
-                          history=history, seed=secrets.randbits(62) if secure else None,
-                          optimizer_state=_kept_optimizer_state(cfg, context, held), prior=prior,
-                          data_path=node.data_path)
+                          privacy=past if cfg.private else None, seed=secrets.randbits(62) if secure else None,
+                          optimizer_state=_kept_optimizer_state(cfg, context, held), data_path=node.data_path)
         try:
-            result = backend.train(work, plan)
+            result = backend.train(work)
         except BudgetExhausted:
             # Not an error: the client has spent what it may and sits the remaining rounds out.
             metrics = MetricRecord({"num-examples": 0, "budget-exhausted": 1, "epsilon": spent,
@@ -291,8 +295,8 @@ def train(msg: Message, context: Context) -> Message:
             return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
         if ledger is not None:
             # before anything trained on the data leaves the node; result.epsilon is the epsilon
-            # of result.history (a ledger exists only under DP)
-            ledger.write(result.history, result.epsilon)
+            # of result.privacy (a ledger exists only under DP)
+            ledger.write(result.privacy, result.epsilon)
 
     if cfg.optimizer_state == "keep":
         tensors, scalars = result.optimizer_state
@@ -300,15 +304,8 @@ def train(msg: Message, context: Context) -> Message:
         context.state[STATE_OPTIMIZER_SCALARS] = ConfigRecord(scalars)
         if held:
             context.state[STATE_OPTIMIZER_BASIS] = ArrayRecord(held)
-    if result.history:
-        sigmas, rates, steps = zip(*result.history)
-        context.state[STATE_PRIVACY] = ConfigRecord({
-            "noise-multipliers": [float(s) for s in sigmas], "sample-rates": [float(q) for q in rates],
-            "steps": [int(n) for n in steps], "plan-sample-rate": result.sample_rate,
-            "plan-steps": result.planned_steps, "plan-noise-multiplier": result.noise_multiplier,
-            "plan-prior": json.dumps(prior),
-            **{f"run-{key}": float(getattr(cfg, key)) for key in protocol.PRIVACY_KEYS},
-        })
+    if result.privacy is not None:
+        context.state[STATE_PRIVACY] = ConfigRecord({"state": json.dumps(result.privacy.state_dict())})
     participations = int(context.state[STATE_PARTICIPATION]["rounds"]) + 1 if STATE_PARTICIPATION in context.state else 1
     context.state[STATE_PARTICIPATION] = ConfigRecord({"rounds": participations})
     if node.state_path and run_key and not travels:  # on disk before anything trained leaves the node

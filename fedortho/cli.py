@@ -40,9 +40,10 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_mapping(given)
 
 
-def preflight(cfg: RunConfig, resuming: bool = False) -> None:
+def preflight(cfg: RunConfig, resuming: bool = False) -> list:
     """Fail fast, before Ray starts, on a run folder in use or a model, dataset or budget
-    that won't do."""
+    that won't do. Returns the noise plans it made (``privacy.NoisePlan``, for the run's
+    record-level budget), which the simulation's server hands to its workers."""
     from fedortho import data
     from fedortho.models import check_model, load_tokenizer
 
@@ -56,12 +57,13 @@ def preflight(cfg: RunConfig, resuming: bool = False) -> None:
         from fedortho.heads import label_texts
 
         label_texts(cfg, splits.label_names)
+    plans = []
     if cfg.private:
-        from fedortho.privacy import BudgetTooSmall
+        from fedortho.privacy import BudgetTooSmall, NoisePlanner
         from fedortho.worker import plan_smallest_client
 
         try:
-            plan_smallest_client(cfg)
+            plans.append(plan_smallest_client(cfg, NoisePlanner()))
         except BudgetTooSmall as exc:
             raise ConfigError(str(exc)) from None
     if cfg.user_private:
@@ -73,6 +75,7 @@ def preflight(cfg: RunConfig, resuming: bool = False) -> None:
             raise ConfigError(str(exc)) from None
     if cfg.out and not resuming:  # last: a run that fails its other checks leaves no folder behind
         check_out_folder(Path(cfg.out), create=True)
+    return plans
 
 
 def resume_config(run_dir: str, args: argparse.Namespace) -> RunConfig:
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--client-gpus must be >= 0, got {args.client_gpus:g}")
         resuming = bool(args.resume)
         cfg = resume_config(args.resume, args) if resuming else _config_from_args(args)
-        preflight(cfg, resuming)
+        plans = preflight(cfg, resuming)
         from server.simulation import simulate  # the Flower side launches the apps
 
         from fedortho.guardian import guard_this_process
@@ -249,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         guard_this_process()  # Ray's processes end with this one, even if it is killed with SIGKILL
         _stop_cleanly_on_signals()
         simulate(cfg, args.client_cpus, args.ray_address, args.verbose, resume=resuming,
-                 on_ray_started=_stop_cleanly_on_signals, nodes=args.nodes, client_gpus=args.client_gpus)
+                 on_ray_started=_stop_cleanly_on_signals, nodes=args.nodes, client_gpus=args.client_gpus,
+                 plans=plans)
         _exit_now(0)
     except (ConfigError, DataError, ModelLoadError, FileNotFoundError, NodeWorkerError, CheckpointError) as exc:
         print(f"fedortho: error: {exc}", file=sys.stderr)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from fedortho.config import RunConfig
-from fedortho.privacy import BudgetExhausted, remember_plan, spent_epsilon
+from fedortho.privacy import BudgetExhausted, PrivacyState, spent_epsilon
 from fedortho.train import ClientResult
 from fedortho.worker import ClientWork, adapter_names_for, run_client_round
 
@@ -81,23 +81,23 @@ def _plain(value: Any) -> Any:
 
 
 # -- the requests -----------------------------------------------------------------
-def _work_to_wire(work: ClientWork, plan: tuple | None) -> dict:
+def _work_to_wire(work: ClientWork) -> dict:
     return _plain({"op": "train", "cfg": work.cfg.to_dict(), "partition_id": work.partition_id,
                    "num_partitions": work.num_partitions, "server_round": work.server_round,
-                   "global_state": work.global_state, "history": [list(h) for h in work.history],
+                   "global_state": work.global_state,
+                   "privacy": work.privacy.state_dict() if work.privacy else None,
                    "seed": work.seed, "optimizer_state": list(work.optimizer_state) if work.optimizer_state else None,
-                   "prior": [list(h) for h in work.prior], "data_path": work.data_path,
-                   "plan": list(plan) if plan else None})
+                   "data_path": work.data_path})
 
 
-def _work_from_wire(request: dict) -> tuple[ClientWork, tuple | None]:
-    state = request["optimizer_state"]
-    work = ClientWork(cfg=RunConfig.from_mapping(request["cfg"]), partition_id=request["partition_id"],
+def _work_from_wire(request: dict) -> ClientWork:
+    state, kept = request["privacy"], request["optimizer_state"]
+    return ClientWork(cfg=RunConfig.from_mapping(request["cfg"]), partition_id=request["partition_id"],
                       num_partitions=request["num_partitions"], server_round=request["server_round"],
-                      global_state=request["global_state"], history=[tuple(h) for h in request["history"]],
-                      seed=request["seed"], optimizer_state=tuple(state) if state else None,
-                      prior=[tuple(h) for h in request["prior"]], data_path=request["data_path"])
-    return work, request["plan"]
+                      global_state=request["global_state"],
+                      privacy=PrivacyState.from_state_dict(state) if state else None,
+                      seed=request["seed"], optimizer_state=tuple(kept) if kept else None,
+                      data_path=request["data_path"])
 
 
 def _handle(request: dict) -> dict:
@@ -107,15 +107,13 @@ def _handle(request: dict) -> dict:
         cfg = RunConfig.from_mapping(request["cfg"])
         return {"ok": True, "names": adapter_names_for(cfg, request["data_path"])}
     if request.get("op") == "train":
-        work, plan = _work_from_wire(request)
-        if plan:  # the noise plan the client made in an earlier round (this worker may be new)
-            epsilon, delta, rate, steps, sigma, prior = plan
-            remember_plan(epsilon, delta, rate, steps, sigma, prior)
         try:
-            result = run_client_round(work)
+            result = run_client_round(_work_from_wire(request))
         except BudgetExhausted as exc:
             return {"ok": False, "kind": "budget-exhausted", "error": str(exc)}
-        return {"ok": True, "result": _plain(dataclasses.asdict(result))}
+        reply = dataclasses.asdict(result)
+        reply["privacy"] = result.privacy.state_dict() if result.privacy else None
+        return {"ok": True, "result": _plain(reply)}
     raise ValueError(f"unknown request {request.get('op')!r}")
 
 
@@ -198,9 +196,9 @@ class NodeWorkerClient:
     def adapter_names(self, cfg: RunConfig, data_path: str) -> list[str]:
         return list(self._call({"op": "adapter-names", "cfg": cfg.to_dict(), "data_path": data_path})["names"])
 
-    def train(self, work: ClientWork, plan: tuple | None = None) -> ClientResult:
-        result = self._call(_work_to_wire(work, plan))["result"]
-        result["history"] = [tuple(h) for h in result["history"]]
+    def train(self, work: ClientWork) -> ClientResult:
+        result = self._call(_work_to_wire(work))["result"]
+        result["privacy"] = PrivacyState.from_state_dict(result["privacy"]) if result["privacy"] else None
         result["optimizer_state"] = tuple(result["optimizer_state"])
         return ClientResult(**result)
 
@@ -214,8 +212,5 @@ class InProcess:
     def adapter_names(self, cfg: RunConfig, data_path: str) -> list[str]:
         return adapter_names_for(cfg, data_path)
 
-    def train(self, work: ClientWork, plan: tuple | None = None) -> ClientResult:
-        if plan:
-            epsilon, delta, rate, steps, sigma, prior = plan
-            remember_plan(epsilon, delta, rate, steps, sigma, prior)
+    def train(self, work: ClientWork) -> ClientResult:
         return run_client_round(work)

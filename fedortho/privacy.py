@@ -1,10 +1,11 @@
 """Record-level DP-SGD with Opacus: budget planning, the accountant's history, the guard.
 
 A client's budget (epsilon, delta) covers its whole participation. The noise multiplier is
-chosen once for the planned number of local steps over all rounds; the accountant's
-history ``[(noise_multiplier, sample_rate, steps), ...]`` travels with the client's state
-so that the reported epsilon is cumulative, and a round that would push the spent epsilon
-past the target is refused before any step is taken.
+chosen once for the planned number of local steps over all rounds (a ``NoisePlan``); the
+accountant's history ``[(noise_multiplier, sample_rate, steps), ...]`` and the plan make up
+the client's ``PrivacyState``, which travels with the client's state so that the reported
+epsilon is cumulative, and a round that would push the spent epsilon past the target is
+refused before any step is taken.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import json
 import math
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from torch.utils.data import DataLoader
 
@@ -44,40 +46,27 @@ def planned_participations(rounds: int, clients: int, clients_per_round: int) ->
     return max(1, math.ceil(rounds * clients_per_round / clients))
 
 
-_PLANS: dict[tuple, float] = {}
 MAX_NOISE_MULTIPLIER = 1e6  # Opacus' own bound when it searches for a noise multiplier
 EPSILON_TOLERANCE = 0.01
-
-
-def _plan_key(epsilon: float, delta: float, sample_rate: float, steps: int, prior: Sequence = ()) -> tuple:
-    return (float(epsilon), float(delta), float(sample_rate), int(steps),
-            tuple((float(s), float(q), int(n)) for s, q, n in prior))
-
-
-def plan_noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int,
-                          prior: Sequence[Sequence[float]] = ()) -> float:
-    """Smallest noise multiplier (to within 0.01 in epsilon) with epsilon(prior + steps) <= target.
-
-    ``prior`` is spending that came before this run (a node's ledger): the plan then covers
-    what is left of the budget. Planned once per distinct setting in a process: planning
-    runs a binary search over the accountant and is the slow part of setting up a private
-    client. ``remember_plan`` lets a client carry its plan to whichever process trains it next.
-    """
-    key = _plan_key(epsilon, delta, sample_rate, steps, prior)
-    if key not in _PLANS:
-        _PLANS[key] = _search_after_prior(*key) if prior else _search_noise_multiplier(*key[:4])
-    return _PLANS[key]
 
 
 class BudgetTooSmall(ValueError):
     """No noise multiplier Opacus will consider keeps the planned steps within the target."""
 
 
-def check_plannable(epsilon: float, delta: float, sample_rate: float, steps: int,
-                    prior: Sequence[Sequence[float]] = ()) -> float:
-    """The planned noise multiplier, or BudgetTooSmall with the setting that made it impossible."""
+def search_noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int,
+                            prior: Sequence[Sequence[float]] = ()) -> float:
+    """Smallest noise multiplier (to within 0.01 in epsilon) with epsilon(prior + steps) <= target,
+    or BudgetTooSmall with the setting that made it impossible.
+
+    ``prior`` is spending that came before this run (a node's ledger): the plan then covers
+    what is left of the budget.
+    """
+    prior = [(float(s), float(q), int(n)) for s, q, n in prior]
     try:
-        return plan_noise_multiplier(epsilon, delta, sample_rate, steps, prior)
+        if prior:
+            return _search_after_prior(float(epsilon), float(delta), float(sample_rate), int(steps), tuple(prior))
+        return _search_noise_multiplier(float(epsilon), float(delta), float(sample_rate), int(steps))
     except ValueError:  # Opacus: "The privacy budget is too low."
         left = "what is left of " if prior else ""
         raise BudgetTooSmall(
@@ -86,17 +75,107 @@ def check_plannable(epsilon: float, delta: float, sample_rate: float, steps: int
         ) from None
 
 
-def remember_plan(epsilon: float, delta: float, sample_rate: float, steps: int, noise_multiplier: float,
-                  prior: Sequence[Sequence[float]] = ()) -> None:
-    _PLANS[_plan_key(epsilon, delta, sample_rate, steps, prior)] = float(noise_multiplier)
+@dataclass(frozen=True)
+class NoisePlan:
+    """A noise multiplier chosen once for a client's whole participation in a run: the planned
+    steps at its sample rate, after the ``prior`` spending it was planned to leave room for."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    prior: tuple[tuple[float, float, int], ...] = ()
+
+    def state_dict(self) -> dict:
+        return {"noise-multiplier": self.noise_multiplier, "sample-rate": self.sample_rate, "steps": self.steps,
+                "prior": [list(entry) for entry in self.prior]}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping) -> "NoisePlan":
+        return cls(float(state["noise-multiplier"]), float(state["sample-rate"]), int(state["steps"]),
+                   _history_tuple(state.get("prior", ())))
 
 
-def plans_made(epsilon: float, delta: float) -> list[tuple[float, int, float]]:
-    """The plans this process has made for a budget with nothing spent before the run, as
-    (sample rate, steps, noise multiplier): a simulation's server hands them to its workers,
-    which then need not search again."""
-    return [(key[2], key[3], sigma) for key, sigma in _PLANS.items()
-            if key[:2] == (float(epsilon), float(delta)) and not key[4]]
+def make_plan(epsilon: float, delta: float, sample_rate: float, steps: int,
+              prior: Sequence[Sequence[float]] = ()) -> NoisePlan:
+    return NoisePlan(search_noise_multiplier(epsilon, delta, sample_rate, steps, prior), float(sample_rate),
+                     int(steps), _history_tuple(prior))
+
+
+class NoisePlanner:
+    """Makes noise plans and knows the ones made or handed to it, by budget: a search runs
+    Opacus' accountant dozens of times, and a simulation worker sets up thousands of clients
+    that share a few plans. Whoever plans holds one (a worker process, the command line's
+    checks) and passes its plans on explicitly: the command line's to the server, the
+    server's to its simulation workers, a client's own in its ``PrivacyState``."""
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple, NoisePlan] = {}
+
+    def plan(self, epsilon: float, delta: float, sample_rate: float, steps: int,
+             prior: Sequence[Sequence[float]] = ()) -> NoisePlan:
+        key = (float(epsilon), float(delta), float(sample_rate), int(steps), _history_tuple(prior))
+        if key not in self._plans:
+            self._plans[key] = make_plan(epsilon, delta, sample_rate, steps, prior)
+        return self._plans[key]
+
+    def add(self, epsilon: float, delta: float, plan: NoisePlan) -> None:
+        self._plans[(float(epsilon), float(delta), plan.sample_rate, plan.steps, plan.prior)] = plan
+
+    def known(self, epsilon: float, delta: float) -> list[NoisePlan]:
+        """The plans for a budget with nothing spent before the run."""
+        return [plan for key, plan in self._plans.items() if key[:2] == (float(epsilon), float(delta)) and not key[4]]
+
+
+def _history_tuple(history: Sequence[Sequence[float]]) -> tuple[tuple[float, float, int], ...]:
+    return tuple((float(s), float(q), int(n)) for s, q, n in history)
+
+
+@dataclass
+class PrivacyState:
+    """One home for a mechanism's privacy: its budget, the accountant's history and the noise
+    plan, saved and restored as one state dict (as Opacus' accountants are). A client keeps
+    one for record-level DP-SGD (``clip`` is its per-sample clip), the server one for
+    user-level DP (``fedortho.userdp``); a node's ledger stores the history of one.
+
+    ``history`` holds everything the protected data has spent: this run's rounds and, with a
+    ledger, earlier runs' (the plan's ``prior``)."""
+
+    epsilon: float
+    delta: float
+    clip: float = 0.0
+    history: History = field(default_factory=list)
+    plan: NoisePlan | None = None
+
+    def spent(self) -> float:
+        """Cumulative epsilon of the history (Opacus' RDP accountant)."""
+        return spent_epsilon(self.history, self.delta)
+
+    def after(self, steps: int, plan: NoisePlan | None = None) -> History:
+        """The history after ``steps`` more steps under ``plan`` (default: this state's)."""
+        plan = plan or self.plan
+        return extend_history(self.history, plan.noise_multiplier, plan.sample_rate, steps)
+
+    def check_next(self, steps: int, plan: NoisePlan | None = None) -> float:
+        """Epsilon after ``steps`` more steps; BudgetExhausted, before any is taken, if that
+        would pass the target."""
+        plan = plan or self.plan
+        return check_budget(self.history, plan.noise_multiplier, plan.sample_rate, steps, self.epsilon, self.delta)
+
+    def same_budget(self, epsilon: float, delta: float, clip: float) -> bool:
+        return (float(self.epsilon), float(self.delta), float(self.clip)) == (float(epsilon), float(delta), float(clip))
+
+    def state_dict(self) -> dict:
+        return {"epsilon": self.epsilon, "delta": self.delta, "clip": self.clip,
+                "history": [list(entry) for entry in self.history],
+                "plan": self.plan.state_dict() if self.plan else None}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping) -> "PrivacyState":
+        history = list(_history_tuple(state["history"]))
+        if any(not (s > 0 and 0 < q <= 1 and n >= 1) for s, q, n in history):
+            raise ValueError("a privacy history holds impossible entries")
+        plan = NoisePlan.from_state_dict(state["plan"]) if state.get("plan") else None
+        return cls(float(state["epsilon"]), float(state["delta"]), float(state.get("clip", 0.0)), history, plan)
 
 
 def _search_after_prior(epsilon: float, delta: float, sample_rate: float, steps: int, prior: tuple) -> float:
@@ -228,9 +307,10 @@ class PrivacyLedger:
                                   f"{key} {value}; refusing to train")
         return history
 
-    def write(self, history: Sequence[Sequence[float]], epsilon: float | None = None) -> None:
-        """Write ``history``; ``epsilon`` is its spent epsilon if the caller computed it already."""
-        entries = [[float(s), float(q), int(n)] for s, q, n in history]
+    def write(self, state: PrivacyState, epsilon: float | None = None) -> None:
+        """Write the state's history; ``epsilon`` is its spent epsilon if the caller computed it
+        already."""
+        entries = [[float(s), float(q), int(n)] for s, q, n in state.history]
         spent = spent_epsilon(entries, self.binding["delta"]) if epsilon is None else float(epsilon)
         record = {**self.binding, "epsilon-spent": spent, "history": entries}
         write_json_atomic(self.path, record)

@@ -32,9 +32,8 @@ class ClientResult:
     train_loss: float
     epsilon: float  # cumulative over the client's participation; inf without DP
     noise_multiplier: float
-    history: privacy.History = field(default_factory=list)
+    privacy: privacy.PrivacyState | None = None  # after this round (None without DP)
     sample_rate: float = 1.0
-    planned_steps: int = 0  # the steps the noise multiplier was planned for
     optimizer_state: tuple[dict, dict] = ({}, {})  # export_state's (tensors, scalars)
     steps: int = 0  # DP steps this round (empty Poisson batches included): the accountant's count
     diagnostics: dict[str, float] = field(default_factory=dict)  # GradientDiagnostics.summary(), private runs
@@ -67,17 +66,35 @@ def _batches(loader: DataLoader):
         yield from loader
 
 
+def client_plan(cfg: RunConfig, num_examples: int, state: privacy.PrivacyState,
+                planner: privacy.NoisePlanner | None = None) -> privacy.NoisePlan:
+    """The client's noise plan: the one in its state, or (first round) one for its whole
+    participation at its sample rate, after everything its state has spent before (a node's
+    ledger: the plan covers what is left). Raises ``privacy.BudgetTooSmall``, or
+    ``privacy.BudgetExhausted`` when earlier runs left too little."""
+    if state.plan is not None:
+        return state.plan
+    rate = privacy.sample_rate(num_examples, min(cfg.batch_size, num_examples))
+    steps = cfg.local_steps * privacy.planned_participations(cfg.rounds, cfg.clients, cfg.clients_per_round)
+    planner = planner or privacy.NoisePlanner()
+    try:
+        return planner.plan(cfg.epsilon, cfg.delta, rate, steps, state.history)
+    except privacy.BudgetTooSmall as exc:
+        if not state.history:
+            raise
+        raise privacy.BudgetExhausted(f"earlier runs left too little budget: {exc}") from None
+
+
 def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig, trainable: list[str],
-                 history: privacy.History, seed: int,
-                 optimizer_state: tuple[dict, dict] | None = None, prior: privacy.History = ()) -> ClientResult:
+                 state: privacy.PrivacyState | None, seed: int, optimizer_state: tuple[dict, dict] | None = None,
+                 planner: privacy.NoisePlanner | None = None) -> ClientResult:
     """Train ``trainable`` adapter tensors of ``model`` for ``cfg.local_steps`` steps.
 
     With a finite ``cfg.epsilon``: Poisson sampling, per-sample clipping to ``cfg.clip`` and
-    Gaussian noise with the multiplier planned for the client's whole participation; raises
-    ``privacy.BudgetExhausted`` (before training) if the round would exceed the target.
-    ``history`` is the accountant's history so far; the result carries the extended one.
-    ``prior`` is the part of it spent before this run (a node's ledger): the noise is planned
-    for what is left of the budget.
+    Gaussian noise with the multiplier of the client's plan (``client_plan``; ``planner``
+    makes it in the first round); raises ``privacy.BudgetExhausted`` (before training) if
+    the round would exceed the target. ``state`` is the client's privacy so far (None: a
+    fresh budget); the result carries it after this round, with its plan.
     ``optimizer_state`` (from ``fedortho.optim.state.export_state``) resumes the optimizer;
     the result carries its final state.
     """
@@ -95,22 +112,17 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
     torch.manual_seed(dropout_seed)
     data_gen = torch.Generator().manual_seed(sampling_seed)
     loader = DataLoader(dataset, batch_size=min(cfg.batch_size, n), shuffle=not cfg.private, generator=data_gen)
-    sigma, rate, planned, wrapped, engine = 0.0, 1.0, 0, model, None
+    sigma, rate, wrapped, engine, plan = 0.0, 1.0, model, None, None
     if cfg.private:
-        rate = privacy.sample_rate(n, min(cfg.batch_size, n))
-        planned = cfg.local_steps * privacy.planned_participations(cfg.rounds, cfg.clients, cfg.clients_per_round)
-        try:
-            sigma = privacy.check_plannable(cfg.epsilon, cfg.delta, rate, planned, prior)
-        except privacy.BudgetTooSmall as exc:
-            if not prior:
-                raise
-            raise privacy.BudgetExhausted(f"earlier runs left too little budget: {exc}") from None
-        privacy.check_budget(history, sigma, rate, cfg.local_steps, cfg.epsilon, cfg.delta)
+        state = state or privacy.PrivacyState(cfg.epsilon, cfg.delta, cfg.clip)
+        plan = client_plan(cfg, n, state, planner)
+        sigma, rate = plan.noise_multiplier, plan.sample_rate
+        state.check_next(cfg.local_steps, plan)
         noise_gen = torch.Generator(device=device).manual_seed(noise_seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus' notes on secure RNG and on frozen modules
             engine, wrapped, optimizer, loader = privacy.make_private(
-                model, optimizer, loader, sigma, cfg.clip, history, noise_gen)
+                model, optimizer, loader, sigma, cfg.clip, state.history, noise_gen)
     losses: list[float] = []
     diagnostics = GradientDiagnostics(cfg.clip, has_head=any("lora_" not in name for name in trainable))
     try:
@@ -135,17 +147,18 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
             p.requires_grad_(False)
             p.grad = None
         model.eval()
+    after = None
     if engine is not None:
-        new_history = list(engine.accountant.history)
-        epsilon = privacy.spent_epsilon(new_history, cfg.delta)
+        after = privacy.PrivacyState(cfg.epsilon, cfg.delta, cfg.clip, list(engine.accountant.history), plan)
+        epsilon = after.spent()
     else:
-        new_history, epsilon = list(history), math.inf
+        epsilon = math.inf
     state = adapter_state(model)
     return ClientResult(
         optimizer_state=export_state(base_optimizer, named),
         update={k: state[k] for k in trainable}, num_examples=n,
         train_loss=float(np.mean(losses)) if losses else float("nan"), epsilon=epsilon,
-        noise_multiplier=sigma, history=new_history, sample_rate=rate, planned_steps=planned,
+        noise_multiplier=sigma, privacy=after, sample_rate=rate,
         steps=cfg.local_steps if engine is not None else 0, diagnostics=diagnostics.summary(),
     )
 

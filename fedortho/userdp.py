@@ -77,12 +77,9 @@ class UserPlan:
     def simulated_population(self) -> bool:
         return self.noise_cohort != self.expected_cohort
 
-    def epsilon_after(self, rounds: int) -> float:
-        return privacy.spent_epsilon(self.history(rounds), self.delta)
-
-    def history(self, rounds: int) -> privacy.History:
-        """The accountant's history after ``rounds`` released rounds."""
-        return [(self.noise_multiplier, self.sample_rate, rounds)] if rounds else []
+    def noise_plan(self) -> privacy.NoisePlan:
+        """The accountant's view: one step of multiplier z at rate q per round."""
+        return privacy.NoisePlan(self.noise_multiplier, self.sample_rate, self.rounds)
 
     def describe(self) -> str:
         text = (f"user-level DP: epsilon {self.epsilon:g}, delta {self.delta:g}, noise multiplier "
@@ -103,8 +100,8 @@ def plan(epsilon: float, delta: float, clients: int, clients_per_round: int, rou
     expected = float(clients_per_round)
     cohort = float(noise_cohort_size or clients_per_round)
     try:
-        z = privacy.plan_noise_multiplier(epsilon, delta, rate, rounds)
-    except ValueError:
+        z = privacy.search_noise_multiplier(epsilon, delta, rate, rounds)
+    except privacy.BudgetTooSmall:
         raise UserPlanError(f"user-epsilon {epsilon:g} is too small: no noise multiplier keeps {rounds} rounds at "
                             f"sampling rate {rate:.3g} within it at user-delta {delta:g}") from None
     update_z, sigma_b = z, 0.0
@@ -166,19 +163,28 @@ class UserLevelDP:
     quantile: float = 0.5
     clip_lr: float = 0.2
     seed: int | None = None
-    rounds: int = 0  # rounds released so far
-    releases: list = field(default_factory=list, repr=False)
+    # the accountant's state: the user-level budget, the rounds released so far, the plan
+    account: privacy.PrivacyState = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.account = privacy.PrivacyState(self.plan.epsilon, self.plan.delta, self.clip, [], self.plan.noise_plan())
 
     def state_dict(self) -> dict:
-        return {"clip": self.clip, "rounds": self.rounds}
+        return {"clip": self.clip, "privacy": self.account.state_dict()}
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.clip, self.rounds = float(state["clip"]), int(state["rounds"])
+        self.clip = float(state["clip"])
+        self.account = privacy.PrivacyState.from_state_dict(state["privacy"])
+
+    @property
+    def rounds(self) -> int:
+        """Rounds released so far."""
+        return sum(n for _, _, n in self.account.history)
 
     @property
     def epsilon(self) -> float:
         """Cumulative user-level epsilon of the rounds released so far."""
-        return self.plan.epsilon_after(self.rounds)
+        return self.account.spent()
 
     def generator(self, server_round: int) -> torch.Generator:
         seed = secrets.randbits(63) if self.seed is None else \
@@ -194,10 +200,10 @@ class UserLevelDP:
 
         Raises ``privacy.BudgetExhausted`` if the round would exceed the target (a run with
         more rounds than planned), before anything is released."""
-        after = self.plan.epsilon_after(self.rounds + 1)
-        if after > self.plan.epsilon:
-            raise privacy.BudgetExhausted(f"user-level budget exhausted: another round would reach epsilon {after:.3f} "
-                                          f"> target {self.plan.epsilon:g}")
+        try:
+            after = self.account.check_next(1)
+        except privacy.BudgetExhausted as exc:
+            raise privacy.BudgetExhausted(f"user-level {exc}") from None
         clip, bits = self.clip, []
         names = sorted(names)  # one order: the same noise for the same seed
         total = {k: torch.zeros_like(global_state[k], dtype=torch.float64) for k in names}
@@ -222,7 +228,7 @@ class UserLevelDP:
                 self.plan.count_stddev * self.plan.noise_scale
             fraction = (sum(bits) + count_noise) / denominator
             self.clip = clip * math.exp(-self.clip_lr * (fraction - self.quantile))
-        self.rounds += 1
+        self.account.history = self.account.after(1)
         return noisy, Release(clip=clip, next_clip=self.clip, epsilon=after, cohort=len(updates),
                               unclipped_fraction=fraction)
 

@@ -17,10 +17,14 @@ from fedortho import rules
 from fedortho.lora import adapter_state, attach_lora, load_adapter_state
 from fedortho.heads import label_texts, set_head, zero_shot_head
 from fedortho.models import load_classifier, load_tokenizer
-from fedortho.privacy import History
+from fedortho.privacy import NoisePlan, NoisePlanner, PrivacyState
 from fedortho.train import ClientResult, round_seed, train_client
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
+# The noise plans this process has made or been handed (a simulation's server hands its own
+# to every worker at warm-up): each client's first round takes its plan from here and then
+# carries it in its PrivacyState.
+PLANNER = NoisePlanner()
 
 # Where clients train: "cpu" (the default) or "cuda". ``fedortho simulate --client-gpus``
 # sets it in its workers (Ray makes the GPU it gave a worker that worker's only visible one);
@@ -90,10 +94,9 @@ class ClientWork:
     num_partitions: int
     server_round: int
     global_state: dict[str, torch.Tensor]
-    history: History = field(default_factory=list)
+    privacy: PrivacyState | None = None  # the client's record-level privacy so far (None: nothing spent)
     seed: int | None = None  # None: derived from the run seed, the round and the partition
     optimizer_state: tuple[dict, dict] | None = None  # kept from the client's last round
-    prior: History = field(default_factory=list)  # spent before this run (a node's ledger)
     data_path: str = ""  # a node's own data folder, trained whole instead of a partition of the run's dataset
 
 
@@ -112,36 +115,34 @@ def run_client_round(work: ClientWork) -> ClientResult:
                else data.client_dataset(cfg, work.partition_id, work.num_partitions))
     names = rules.rule(cfg.strategy).trainable(expected, cfg.train_head, work.server_round)
     seed = work.seed if work.seed is not None else round_seed(cfg.seed, work.server_round, work.partition_id)
-    return train_client(model, dataset, cfg, names, work.history, seed, work.optimizer_state, work.prior)
+    return train_client(model, dataset, cfg, names, work.privacy, seed, work.optimizer_state, PLANNER)
 
 
-def warm_up(cfg: RunConfig, plans: list[tuple[float, int, float]] = ()) -> None:
+def warm_up(cfg: RunConfig, plans: list[NoisePlan] = ()) -> None:
     """Do a worker's one-time work before its first client: build the model, read the
     dataset and its partitioner, and plan the noise of the smallest client (a population of
     equal IID shards then needs no other plan). A simulation asks every worker to do this
     while its server evaluates round 0, so that round 1 costs what later rounds cost.
-    ``plans``: (sample rate, steps, noise multiplier) the server has planned for the run's
-    budget already (``privacy.plans_made``), kept instead of searched again."""
+    ``plans``: the plans the server has made for the run's budget already, kept instead of
+    searched again."""
     from fedortho import privacy
 
-    for rate, steps, sigma in plans:
-        privacy.remember_plan(cfg.epsilon, cfg.delta, rate, steps, sigma)
+    for plan in plans:
+        PLANNER.add(cfg.epsilon, cfg.delta, plan)
     set_threads(cfg)
     shared_model(cfg)
     data.client_dataset(cfg, 0, cfg.clients)  # the tokenizer, and the data path a client takes
     if cfg.private:
         try:
-            plan_smallest_client(cfg)
+            plan_smallest_client(cfg, PLANNER)
         except privacy.BudgetTooSmall:
             pass  # an unplannable budget is the client's to report, in its round
 
 
-def plan_smallest_client(cfg: RunConfig) -> float:
-    """The noise multiplier of the client with the fewest examples, which samples at the
-    highest rate: the hardest plan of the run. Raises ``privacy.BudgetTooSmall``."""
-    from fedortho import privacy
+def plan_smallest_client(cfg: RunConfig, planner: NoisePlanner) -> NoisePlan:
+    """The noise plan of the client with the fewest examples, which samples at the highest
+    rate: the hardest plan of the run. Raises ``privacy.BudgetTooSmall``."""
+    from fedortho.train import client_plan
 
     smallest = data.smallest_partition(cfg, cfg.clients)
-    steps = cfg.local_steps * privacy.planned_participations(cfg.rounds, cfg.clients, cfg.clients_per_round)
-    return privacy.check_plannable(cfg.epsilon, cfg.delta, privacy.sample_rate(smallest, min(cfg.batch_size, smallest)),
-                                   steps)
+    return client_plan(cfg, smallest, PrivacyState(cfg.epsilon, cfg.delta, cfg.clip), planner)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
@@ -19,6 +19,7 @@ from fedortho.config import ConfigError, RunConfig
 from fedortho.data import DataError
 from fedortho.lora import adapter_state, load_adapter_state, save_adapter
 from fedortho.models import ModelLoadError
+from fedortho.privacy import NoisePlan
 from fedortho.runs import RunRecorder, RunStopped, default_out, get_logger
 from fedortho.train import evaluate
 from fedortho.worker import build_model, set_threads
@@ -26,14 +27,16 @@ from server.grid import PromptGrid
 from server.strategy import LoRAStrategy
 
 
-def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_travels: bool = False) -> dict:
+def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_travels: bool = False,
+                   plans: Sequence[NoisePlan] = ()) -> dict:
     """Run ``cfg.rounds`` rounds and write the run folder; returns the summary.
 
     After every round the folder holds the metrics, the adapter of the last evaluated round
     and a checkpoint (``fedortho.checkpoint``); the summary is written even if the run stops
     early. ``resume``: continue the run in ``cfg.out`` after its checkpointed round.
     ``state_travels``: clients' states come back with their replies and are checkpointed here
-    (simulation); otherwise each node keeps its own.
+    (simulation); otherwise each node keeps its own. ``plans``: noise plans already made for
+    the run's budget, which a simulation hands to its workers.
     """
     set_threads(cfg)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
@@ -54,7 +57,7 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
           + (f" (resumed after round {checkpoint.round})" if checkpoint else ""), flush=True)
     model = build_model(cfg)  # the server's copy, for evaluation and for saving the adapter
     test = data.test_tensors(cfg)
-    strategy = LoRAStrategy(cfg, data.splits_for(cfg).label_names, clients if state_travels else None)
+    strategy = LoRAStrategy(cfg, data.splits_for(cfg).label_names, clients if state_travels else None, plans)
     if strategy.user_dp:
         print(f"fedortho: {strategy.user_dp.plan.describe()}", flush=True)
     if checkpoint is not None:
@@ -182,14 +185,14 @@ def zero_shot_accuracy(cfg: RunConfig, test) -> float | None:
     return evaluate(reference, test, precision=cfg.eval_precision)[0]
 
 
-def make_server_app(cfg: RunConfig, resume: bool = False) -> ServerApp:
+def make_server_app(cfg: RunConfig, resume: bool = False, plans: Sequence[NoisePlan] = ()) -> ServerApp:
     """A ServerApp bound to ``cfg`` (used by ``fedortho simulate``): the clients' states travel
     with the messages and are checkpointed with the run."""
     bound = ServerApp()
 
     @bound.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, resume=resume, state_travels=True)
+        run_federation(grid, cfg, resume=resume, state_travels=True, plans=plans)
 
     return bound
 

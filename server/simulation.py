@@ -24,7 +24,8 @@ def worker_allocator() -> dict[str, str]:
 
 
 def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbose: bool, resume: bool = False,
-             on_ray_started: Callable[[], None] | None = None, nodes: int = 0, client_gpus: float = 0.0) -> None:
+             on_ray_started: Callable[[], None] | None = None, nodes: int = 0, client_gpus: float = 0.0,
+             plans: Sequence = ()) -> None:
     """Run a Flower simulation (Ray) of ``cfg`` (``resume``: continue the run in ``cfg.out``
     after its checkpoint).
 
@@ -35,7 +36,8 @@ def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbos
     number. Each worker takes ``client_cpus`` CPUs and ``client_gpus`` GPUs (a fraction shares
     one GPU between workers; with any, clients train on the GPU). ``on_ray_started`` is called
     once Ray runs, before any round: Ray replaces the process's SIGTERM handler when it
-    starts, so handlers of the caller's own are installed (again) there."""
+    starts, so handlers of the caller's own are installed (again) there. ``plans``: noise plans
+    made before the run (``fedortho.cli.preflight``), handed to the workers at warm-up."""
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a simulation sends nothing anywhere
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -85,7 +87,7 @@ def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbos
         ray.shutdown()
         raise
     nodes = nodes or min(cfg.clients, cfg.clients_per_round)
-    run_simulation(server_app=make_server_app(cfg, resume), client_app=client_app, num_supernodes=nodes,
+    run_simulation(server_app=make_server_app(cfg, resume, plans), client_app=client_app, num_supernodes=nodes,
                    backend_config=backend_config, verbose_logging=verbose)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from logging import INFO
 
 import numpy as np
@@ -34,14 +34,17 @@ CLIENT_WAIT_SECONDS = 600
 class LoRAStrategy(FedAvg):
     """Weighted aggregation of LoRA adapters with an optional FedSVD refactorization."""
 
-    def __init__(self, cfg: RunConfig, label_names: tuple[str, ...] = (), client_states: ClientStates | None = None) -> None:
+    def __init__(self, cfg: RunConfig, label_names: tuple[str, ...] = (), client_states: ClientStates | None = None,
+                 plans: Sequence[privacy.NoisePlan] = ()) -> None:
         """``client_states``: the clients' states travel with the messages and are kept here
-        (simulation: they are checkpointed with the run); None: each node keeps its own."""
+        (simulation: they are checkpointed with the run); None: each node keeps its own.
+        ``plans``: record-level noise plans made before the run, for the simulation's workers."""
         # Flower's own node checks are not used: sample() and _discover() decide who trains.
         super().__init__(min_train_nodes=cfg.clients_per_round)
         self.cfg = cfg
         self.rule = rules.rule(cfg.strategy)
         self.client_states = client_states
+        self.plans = list(plans)
         self.run_key = ""  # names the run to nodes that keep their state on disk (the same when resumed)
         self.label_names = list(label_names)  # sent to nodes: their own data must label examples alike
         self.refused: dict[int, str] = {}  # nodes that cannot take part, with their reason
@@ -188,11 +191,10 @@ class LoRAStrategy(FedAvg):
     def warm_up(self, grid: Grid) -> list[str]:
         """Simulation: ask every simulated node to ready its worker (model, data, noise plan)
         without waiting for it; ``warmed_up`` collects the replies before round 1."""
-        plans = privacy.plans_made(self.cfg.epsilon, self.cfg.delta)  # by the checks before the run
         settings = ConfigRecord({**self.cfg.to_dict(hyphenated=True),
-                                 protocol.PLAN_RATES: [float(q) for q, _, _ in plans],
-                                 protocol.PLAN_STEPS: [int(n) for _, n, _ in plans],
-                                 protocol.PLAN_SIGMAS: [float(s) for _, _, s in plans]})
+                                 protocol.PLAN_RATES: [p.sample_rate for p in self.plans],
+                                 protocol.PLAN_STEPS: [p.steps for p in self.plans],
+                                 protocol.PLAN_SIGMAS: [p.noise_multiplier for p in self.plans]})
         messages = [Message(content=RecordDict({protocol.CONFIG: settings}),
                             message_type=f"{MessageType.QUERY}.{protocol.WARM_UP}", dst_node_id=node)
                     for node in self._workers(grid)]

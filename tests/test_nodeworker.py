@@ -16,7 +16,7 @@ from fedortho import data
 from fedortho.lora import adapter_state
 from fedortho.node import NodeConfigError, NodeSettings
 from fedortho.nodeworker import InProcess, NodeWorkerClient, NodeWorkerError
-from fedortho.privacy import BudgetExhausted
+from fedortho.privacy import BudgetExhausted, PrivacyState
 from fedortho.worker import ClientWork, build_model
 
 FEDORTHO = Path(sys.executable).parent / "fedortho"
@@ -63,8 +63,9 @@ def test_a_round_through_the_worker_equals_the_round_in_process(worker, node_dat
     local = InProcess().train(work)
     assert remote.update.keys() == local.update.keys()
     assert all(torch.equal(remote.update[k], local.update[k]) for k in local.update)
-    assert (remote.epsilon, remote.noise_multiplier, remote.history, remote.steps, remote.num_examples) == \
-        (local.epsilon, local.noise_multiplier, local.history, local.steps, local.num_examples)
+    assert (remote.epsilon, remote.noise_multiplier, remote.privacy, remote.steps, remote.num_examples) == \
+        (local.epsilon, local.noise_multiplier, local.privacy, local.steps, local.num_examples)
+    assert local.privacy.plan is not None and local.privacy.history
     assert remote.num_examples == len(data.local_dataset(work.cfg, node_data))  # the node's own folder
     tensors, scalars = remote.optimizer_state
     assert all(torch.equal(tensors[k], local.optimizer_state[0][k]) for k in local.optimizer_state[0])
@@ -77,7 +78,7 @@ def test_a_spent_budget_and_a_bad_request_come_back_as_their_errors(worker, node
     _, socket_path = worker
     client = NodeWorkerClient(str(socket_path))
     spent = work_for(tiny_cfg, node_data)
-    spent.history = [(0.3, 1.0, 500)]  # far beyond epsilon 6
+    spent.privacy = PrivacyState(6.0, 1e-5, 2.0, [(0.3, 1.0, 500)])  # far beyond epsilon 6
     with pytest.raises(BudgetExhausted):
         client.train(spent)
     missing = work_for(tiny_cfg, node_data)

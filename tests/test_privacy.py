@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -22,7 +23,7 @@ def opacus_epsilon(sigma, q, steps, delta):
 
 @pytest.mark.parametrize("epsilon,q,steps", [(6.0, 0.03, 30), (3.0, 0.1, 20), (1.0, 0.05, 50)])
 def test_planned_noise_spends_at_most_the_target(epsilon, q, steps):
-    sigma = privacy.plan_noise_multiplier(epsilon, 1e-5, q, steps)
+    sigma = privacy.search_noise_multiplier(epsilon, 1e-5, q, steps)
     spent = opacus_epsilon(sigma, q, steps, 1e-5)
     assert spent <= epsilon
     assert spent > epsilon - 0.1  # and not wastefully more noise than needed
@@ -34,38 +35,61 @@ def test_a_plan_after_prior_spending_covers_what_is_left():
         acc.step(noise_multiplier=0.7, sample_rate=0.05)
     prior = list(acc.history)
     before = acc.get_epsilon(delta=1e-5)
-    sigma = privacy.plan_noise_multiplier(6.0, 1e-5, 0.05, 20, prior=prior)
+    sigma = privacy.search_noise_multiplier(6.0, 1e-5, 0.05, 20, prior=prior)
     for _ in range(20):  # Opacus' accountant, stepped one step at a time, is the reference
         acc.step(noise_multiplier=sigma, sample_rate=0.05)
     total = acc.get_epsilon(delta=1e-5)
     assert 5.9 < total <= 6.0
     # The plan that ignores the prior would overspend.
-    fresh = privacy.plan_noise_multiplier(6.0, 1e-5, 0.05, 20)
+    fresh = privacy.search_noise_multiplier(6.0, 1e-5, 0.05, 20)
     assert fresh < sigma and privacy.spent_epsilon([*prior, (fresh, 0.05, 20)], 1e-5) > 6.0
     # Less left than the search can resolve: no plan.
     with pytest.raises(privacy.BudgetTooSmall, match="within what is left of it"):
-        privacy.check_plannable(before + 0.005, 1e-5, 0.05, 20, prior=prior)
+        privacy.search_noise_multiplier(before + 0.005, 1e-5, 0.05, 20, prior=prior)
 
 
 def test_a_budget_too_small_to_plan_is_named_before_training():
     with pytest.raises(privacy.BudgetTooSmall, match="epsilon 0.001 is too small") as info:
-        privacy.check_plannable(1e-3, 1e-5, 0.05, 24)
+        privacy.search_noise_multiplier(1e-3, 1e-5, 0.05, 24)
     assert "\n" not in str(info.value)
     # A plannable budget gives the plan itself.
-    assert privacy.check_plannable(3.0, 1e-5, 0.1, 20) == privacy.plan_noise_multiplier(3.0, 1e-5, 0.1, 20)
+    plan = privacy.make_plan(3.0, 1e-5, 0.1, 20)
+    assert (plan.noise_multiplier, plan.sample_rate, plan.steps, plan.prior) == \
+        (privacy.search_noise_multiplier(3.0, 1e-5, 0.1, 20), 0.1, 20, ())
 
 
-def test_plan_is_made_once_per_distinct_setting(monkeypatch):
+def test_a_planner_searches_once_per_distinct_setting_and_keeps_plans_handed_to_it(monkeypatch):
     calls = []
     search = privacy._search_noise_multiplier
-    monkeypatch.setattr(privacy, "_PLANS", {})
     monkeypatch.setattr(privacy, "_search_noise_multiplier", lambda *key: calls.append(key) or search(*key))
-    first = [privacy.plan_noise_multiplier(6.0, 1e-5, 0.05, 12) for _ in range(5)]
-    privacy.plan_noise_multiplier(6.0, 1e-5, 0.04, 12)
+    planner = privacy.NoisePlanner()
+    first = [planner.plan(6.0, 1e-5, 0.05, 12) for _ in range(5)]
+    planner.plan(6.0, 1e-5, 0.04, 12)
     assert len(calls) == 2 and len(set(first)) == 1
-    # A plan remembered from a client's state is reused, not searched again.
-    privacy.remember_plan(3.0, 1e-5, 0.1, 20, 1.234)
-    assert privacy.plan_noise_multiplier(3.0, 1e-5, 0.1, 20) == 1.234 and len(calls) == 2
+    # A plan handed over (a server's, at a simulation worker's warm-up) is used, not searched again.
+    planner.add(3.0, 1e-5, privacy.NoisePlan(1.234, 0.1, 20))
+    assert planner.plan(3.0, 1e-5, 0.1, 20).noise_multiplier == 1.234 and len(calls) == 2
+    assert {p.noise_multiplier for p in planner.known(3.0, 1e-5)} == {1.234}
+    assert privacy.NoisePlanner().plan(6.0, 1e-5, 0.05, 12) == first[0] and len(calls) == 3  # nothing shared
+
+
+def test_a_privacy_state_round_trips_and_refuses_impossible_histories():
+    plan = privacy.make_plan(4.0, 1e-5, 0.05, 20, prior=[(1.5, 0.05, 10)])
+    state = privacy.PrivacyState(4.0, 1e-5, 2.0, [(1.5, 0.05, 10), (plan.noise_multiplier, 0.05, 5)], plan)
+    again = privacy.PrivacyState.from_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert again == state and again.spent() == pytest.approx(opacus_epsilon_history(state.history, 1e-5))
+    assert state.after(5) == [(1.5, 0.05, 10), (plan.noise_multiplier, 0.05, 10)]
+    bad = {**state.state_dict(), "history": [[1.5, 1.5, 3]]}
+    with pytest.raises(ValueError, match="impossible"):
+        privacy.PrivacyState.from_state_dict(bad)
+
+
+def opacus_epsilon_history(history, delta):
+    acc = RDPAccountant()
+    for sigma, q, n in history:
+        for _ in range(n):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+    return acc.get_epsilon(delta=delta)
 
 
 def test_history_epsilon_and_budget_guard():
@@ -100,10 +124,10 @@ def client_setup(tiny_cfg):
 
 def test_cumulative_epsilon_matches_opacus_and_stops_at_the_target(client_setup):
     cfg, model, dataset, names = client_setup
-    history, reported = [], []
+    state, reported = None, []
     for rnd in range(cfg.rounds):
-        result = train_client(model, dataset, cfg, names, history, seed=rnd)
-        history = result.history
+        result = train_client(model, dataset, cfg, names, state, seed=rnd)
+        state = result.privacy
         reported.append(result.epsilon)
     q = privacy.sample_rate(len(dataset), cfg.batch_size)
     sigma = result.noise_multiplier
@@ -112,7 +136,7 @@ def test_cumulative_epsilon_matches_opacus_and_stops_at_the_target(client_setup)
     assert reported == sorted(reported) and reported[-1] <= cfg.epsilon
     with pytest.raises(privacy.BudgetExhausted):  # a fourth round would overspend: refused before training
         before = adapter_state(model)
-        train_client(model, dataset, cfg, names, history, seed=99)
+        train_client(model, dataset, cfg, names, state, seed=99)
     assert all(torch.equal(before[k], v) for k, v in adapter_state(model).items())
 
 
@@ -120,7 +144,7 @@ def test_private_round_changes_b_only(client_setup):
     cfg, model, dataset, names = client_setup
     base_before = {k: v.clone() for k, v in model.named_parameters() if "lora_" not in k and "classifier" not in k}
     adapters_before = adapter_state(model)
-    result = train_client(model, dataset, cfg, names, [], seed=1)
+    result = train_client(model, dataset, cfg, names, None, seed=1)
     after = adapter_state(model)
     for k, v in base_before.items():
         assert torch.equal(dict(model.named_parameters())[k], v), k
@@ -141,7 +165,7 @@ def test_noise_depends_on_seed_and_dp_differs_from_non_private(client_setup):
         from fedortho.lora import load_adapter_state
 
         load_adapter_state(model, start)
-        return train_client(model, dataset, c, names, [], seed=seed).update
+        return train_client(model, dataset, c, names, None, seed=seed).update
 
     a, a_again, b = run(cfg, 1), run(cfg, 1), run(cfg, 2)
     plain = run(cfg.replace(epsilon=math.inf), 1)
@@ -168,10 +192,10 @@ def test_infinite_epsilon_is_plain_sgd_without_clipping_or_noise(tiny_cfg):
     assert grad.norm() > 50 * cfg.clip  # clipping to cfg.clip would have changed the step
     before = torch.cat([p.detach().flatten() for p in params])
     model.zero_grad()
-    result = train_client(model, dataset, cfg, names, [], seed=1)
+    result = train_client(model, dataset, cfg, names, None, seed=1)
     after = torch.cat([result.update[k].flatten() for k in names])
     assert torch.allclose(after, before - cfg.lr * grad, atol=1e-6)
-    assert result.history == [] and math.isinf(result.epsilon)
+    assert result.privacy is None and math.isinf(result.epsilon)
 
 
 def test_clipping_and_noise_against_a_hand_computed_step(tiny_cfg):

@@ -82,13 +82,13 @@ C_SCALE = math.sqrt(3.0)  # PEFT's Kaiming-uniform A is about Q / sqrt(3)
 def _private_rounds(cfg, state, rounds):
     """``rounds`` rounds of every client, each keeping its accountant history; the final state
     and the diagnostics of every client round."""
-    histories = {pid: [] for pid in range(cfg.clients)}
+    histories = {pid: None for pid in range(cfg.clients)}
     diagnostics = []
     for rnd in range(1, rounds + 1):
         results = []
         for pid in range(cfg.clients):
-            result = run_client_round(ClientWork(cfg, pid, cfg.clients, rnd, state, history=histories[pid]))
-            histories[pid] = result.history
+            result = run_client_round(ClientWork(cfg, pid, cfg.clients, rnd, state, privacy=histories[pid]))
+            histories[pid] = result.privacy
             results.append(result)
             diagnostics.append(result.diagnostics)
         state = aggregate(cfg.strategy, state, [r.update for r in results], [r.num_examples for r in results],
@@ -156,8 +156,12 @@ def test_fedsvd_from_orthonormal_a0_follows_ffa_under_clipping(identity_cfg, mon
     svd_1, _ = _private_rounds(cfg.replace(strategy="fedsvd"), start_q, 1)
     assert _relative_gap(_products(svd_1), _products(ffa_1)) < 1e-5
 
-    monkeypatch.setattr(privacy, "check_plannable", lambda *args, **kwargs: 0.0)
-    monkeypatch.setattr(privacy, "check_budget", lambda *args, **kwargs: 0.0)
+    from fedortho import train
+
+    # clipping without noise: a plan of noise multiplier 0, never short of budget
+    monkeypatch.setattr(train, "client_plan", lambda cfg, n, state, planner=None:
+                        privacy.NoisePlan(0.0, privacy.sample_rate(n, min(cfg.batch_size, n)), cfg.local_steps))
+    monkeypatch.setattr(privacy.PrivacyState, "check_next", lambda self, steps, plan=None: 0.0)
     ffa, diag = _private_rounds(cfg, start_q, cfg.rounds)
     svd, _ = _private_rounds(cfg.replace(strategy="fedsvd"), start_q, cfg.rounds)
     assert 0 < sum(d["clipped-fraction"] for d in diag) / len(diag) < 1

@@ -145,7 +145,8 @@ def test_a_resumed_run_ends_bit_for_bit_as_the_uninterrupted_one(uninterrupted, 
         state = torch.load(clients / name, weights_only=True)
         assert state["optimizer-tensors"]["arrays"], name
         # the accountant counted every DP step of every round it trained (2 local steps each)
-        assert sum(state["privacy"]["config"]["steps"]) == 2 * state["participation"]["config"]["rounds"]
+        history = json.loads(state["privacy"]["config"]["state"])["history"]
+        assert sum(n for _, _, n in history) == 2 * state["participation"]["config"]["rounds"]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

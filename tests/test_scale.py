@@ -136,7 +136,7 @@ def test_noise_plans_from_the_server_are_taken_only_in_a_simulation(tiny_model_d
         monkeypatch.setenv("FEDORTHO_SIMULATION", "1")
     else:
         monkeypatch.delenv("FEDORTHO_SIMULATION", raising=False)
-    monkeypatch.setattr(privacy, "_PLANS", {})
+    monkeypatch.setattr(worker, "PLANNER", privacy.NoisePlanner())
     cfg = RunConfig(model=tiny_model_dir, clients=3, clients_per_round=3, max_train_examples=240, partitioning="iid")
     bogus = (0.123, 77, 0.01)  # a noise multiplier no honest plan would give
     config = ConfigRecord({**cfg.to_dict(hyphenated=True), protocol.PLAN_RATES: [bogus[0]],
@@ -146,7 +146,7 @@ def test_noise_plans_from_the_server_are_taken_only_in_a_simulation(tiny_model_d
     msg.metadata.__dict__["_message_id"] = msg.object_id
     client_app(msg, Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3},
                             state=RecordDict(), run_config={}))
-    taken = (cfg.epsilon, cfg.delta, *bogus) in [(cfg.epsilon, cfg.delta, q, n, s)
-                                                 for q, n, s in privacy.plans_made(cfg.epsilon, cfg.delta)]
+    known = worker.PLANNER.known(cfg.epsilon, cfg.delta)
+    taken = privacy.NoisePlan(bogus[2], bogus[0], bogus[1]) in known
     assert taken == simulated
-    assert privacy.plans_made(cfg.epsilon, cfg.delta)  # the worker planned its own smallest client either way
+    assert known  # the worker planned its own smallest client either way

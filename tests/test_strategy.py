@@ -241,7 +241,7 @@ def test_pinned_privacy_settings_are_enforced_by_the_client(tiny_cfg):
 def test_a_bad_node_config_is_dropped_at_discovery_with_its_reason(tiny_cfg, tmp_path, bad, reason):
     """The misconfigured node (partition 2) is named with its own reason before round 1 and
     never asked to train; the other nodes train."""
-    from fedortho.privacy import PrivacyLedger
+    from fedortho.privacy import PrivacyLedger, PrivacyState
 
     bad = dict(bad)
     if bad.get("privacy-ledger") == "LEDGER-GARBAGE":
@@ -249,7 +249,7 @@ def test_a_bad_node_config_is_dropped_at_discovery_with_its_reason(tiny_cfg, tmp
         (tmp_path / "garbage.json").write_text("{not json")
     elif bad.get("privacy-ledger") == "LEDGER-FOREIGN":
         bad["privacy-ledger"] = str(tmp_path / "foreign.json")
-        PrivacyLedger(tmp_path / "foreign.json", 6.0, 1e-5, owner="partition 0 of 3").write([(1.0, 0.1, 3)])
+        PrivacyLedger(tmp_path / "foreign.json", 6.0, 1e-5, owner="partition 0 of 3").write(PrivacyState(6.0, 1e-5, 2.0, [(1.0, 0.1, 3)]))
     before = (tmp_path / "garbage.json").read_text() if (tmp_path / "garbage.json").exists() else None
     cfg = tiny_cfg.replace(rounds=1, epsilon=6.0, clients_per_round=2)
     grid = LocalGrid(3, node_config=lambda i: bad if i == 2 else {})
@@ -329,10 +329,10 @@ def test_kept_momentum_stays_in_step_with_a_after_a_failed_round(tiny_cfg, monke
 
     real_train = InProcess.train
 
-    def fail_once(self, work, plan=None):
+    def fail_once(self, work):
         if work.partition_id == 0 and work.server_round == 2:
             raise RuntimeError("simulated crash of client 0")
-        return real_train(self, work, plan)
+        return real_train(self, work)
 
     monkeypatch.setattr(InProcess, "train", fail_once)
     ffa, svd, _, _ = _ffa_and_fedsvd_with_kept_muon(tiny_cfg)
@@ -451,7 +451,7 @@ def test_a_private_node_restarted_with_its_ledger_trains_on(tiny_cfg, tmp_path):
 def test_the_ledger_lock_makes_rounds_take_turns(tmp_path):
     import threading
 
-    from fedortho.privacy import PrivacyLedger
+    from fedortho.privacy import PrivacyLedger, PrivacyState
 
     order, holding = [], threading.Event()
     first = PrivacyLedger(tmp_path / "ledger.json", 6.0, 1e-5, "partition 0 of 1")
@@ -461,7 +461,7 @@ def test_the_ledger_lock_makes_rounds_take_turns(tmp_path):
         with first.locked():
             holding.set()
             threading.Event().wait(0.5)
-            first.write([(1.0, 0.1, 2)])
+            first.write(PrivacyState(6.0, 1e-5, 2.0, [(1.0, 0.1, 2)]))
             order.append("first wrote")
 
     thread = threading.Thread(target=slow_round)
@@ -557,7 +557,7 @@ def test_a_run_whose_every_client_fails_is_not_complete(tiny_cfg, tmp_path, monk
     from fedortho.nodeworker import InProcess
     from server.app import run_federation
 
-    def crash(self, work, plan=None):
+    def crash(self, work):
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(InProcess, "train", crash)

@@ -57,7 +57,7 @@ def test_a_round_beyond_the_plan_is_refused_before_anything_is_released():
     g = {"x": torch.zeros(2)}
     for rnd in (1, 2, 3):
         dp.privatize(g, ["x"], [{"x": torch.ones(2)}], rnd)
-    with pytest.raises(privacy.BudgetExhausted, match="user-level budget exhausted"):
+    with pytest.raises(privacy.BudgetExhausted, match="user-level privacy budget exhausted"):
         dp.privatize(g, ["x"], [{"x": torch.ones(2)}], 4)
     assert dp.rounds == 3 and dp.epsilon <= 2.0
 
