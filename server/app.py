@@ -146,7 +146,8 @@ def run_rounds(strategy: LoRAStrategy, grid: Grid, arrays: ArrayRecord, first: i
     """
     for server_round in range(first, last + 1):
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-        replies = grid.send_and_receive(messages, timeout=ROUND_TIMEOUT)
+        # (an empty Poisson cohort sends nothing; its round still releases user-level noise)
+        replies = grid.send_and_receive(messages, timeout=ROUND_TIMEOUT) if messages else []
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays

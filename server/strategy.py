@@ -349,7 +349,7 @@ class LoRAStrategy(FedAvg):
             def privatize(updates):
                 noisy, release = self.user_dp.privatize(self._global, expected_names, updates, server_round,
                                                         [w for *_, w in accepted])
-                metrics.update(user_metrics(release))
+                metrics.update(user_metrics(release, self.user_dp.plan))
                 return noisy
         try:
             new_state = rules.aggregate(self.cfg.strategy, self._global, [u for _, u, _, _ in accepted],
@@ -379,10 +379,12 @@ def user_mechanism(cfg: RunConfig, seed: int | None) -> userdp.UserLevelDP | Non
                               cfg.clip_lr, seed)
 
 
-def user_metrics(release: userdp.Release) -> dict:
-    """A round's user-level record: cumulative epsilon, the clip it used and the clip for the
-    next round, and (adaptive clipping) the noisy share of updates within the clip."""
-    out = {"user-epsilon": release.epsilon, "update-clip": release.clip, "cohort": release.cohort}
+def user_metrics(release: userdp.Release, plan: userdp.UserPlan) -> dict:
+    """A round's user-level record: cumulative epsilon with what the accountant composed (noise
+    multiplier and sampling rate), the clip the round used, the cohort's size, and (adaptive
+    clipping) the noisy share of updates within the clip."""
+    out = {"user-epsilon": release.epsilon, "user-noise-multiplier": plan.noise_multiplier,
+           "user-sample-rate": plan.sample_rate, "update-clip": release.clip, "cohort": release.cohort}
     if release.unclipped_fraction is not None:
         out["unclipped-fraction"] = release.unclipped_fraction
     return out

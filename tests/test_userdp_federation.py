@@ -86,12 +86,18 @@ def test_cohorts_are_poisson_samples_at_the_accountants_rate(tiny_cfg):
     cfg = tiny_cfg.replace(clients=6, clients_per_round=2, rounds=5, epsilon=math.inf, user_epsilon=8.0,
                            max_train_examples=360)
     grid = RecordingGrid(6)
-    strategy, records, _ = run(cfg, grid)
+    strategy, records, states = run(cfg, grid)
     rng = np.random.default_rng(cfg.seed)
     expected = [userdp.poisson_cohort(rng, list(range(6)), 2 / 6) for _ in range(5)]
     assert [r["cohort"] for r in records] == [len(c) for c in expected]
     assert strategy.user_dp.plan.sample_rate == pytest.approx(1 / 3)
     assert len({len(c) for c in expected}) > 1  # cohort sizes vary
+    # an empty cohort (round 5 with this seed) still releases noise, and is accounted
+    empty = [i for i, c in enumerate(expected) if not c]
+    assert empty and all(records[i]["clients-replied"] == 0 for i in empty)
+    for i in empty:
+        assert any(not torch.equal(states[i][k], states[i + 1][k]) for k in states[i])
+        assert records[i]["user-epsilon"] > records[i - 1]["user-epsilon"]
     assert records[-1]["user-epsilon"] <= 8.0
 
 
