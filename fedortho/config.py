@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from fedortho import rules
-from fedortho.optim import OPTIMIZERS
+from fedortho.optim import EXACT_CAPABLE, OPTIMIZERS
 
 PARTITIONINGS = ("dirichlet", "iid")
 HEAD_INITS = ("random", "zero-shot")
@@ -38,7 +38,8 @@ class RunConfig:
     # local training
     local_steps: int = field(default=3, metadata={"help": "optimizer steps per client round"})
     batch_size: int = field(default=32, metadata={"help": "expected (Poisson) batch size"})
-    optimizer: str = field(default="sgd", metadata={"help": "sgd | adamw | auon | hybrid-auon | muon | normuon"})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd | adamw | auon | hybrid-auon | muon | normuon | root"})
+    orthogonalize: str = field(default="newton-schulz", metadata={"help": "muon, normuon, root: newton-schulz (five quintic steps) | exact (the polar factor, one r x r eigendecomposition)"})
     optimizer_state: str = field(default="reset", metadata={"help": "reset | keep: the client's optimizer state across rounds"})
     lr: float = field(default=0.0, metadata={"help": "client learning rate (0: the optimizer's default, sgd 0.5)"})
     head_lr: float = field(default=0.0, metadata={"help": "orthogonal optimizers: SGD rate of the head (0: 0.5)"})
@@ -180,6 +181,10 @@ class RunConfig:
         need(0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}")
         need(self.num_threads >= 0, f"num-threads must be >= 0, got {self.num_threads}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
+        need(self.orthogonalize in ("newton-schulz", "exact"),
+             f"orthogonalize must be newton-schulz or exact, got '{self.orthogonalize}'")
+        need(self.orthogonalize == "newton-schulz" or self.optimizer in EXACT_CAPABLE,
+             f"orthogonalize exact needs optimizer {' | '.join(EXACT_CAPABLE)}, got '{self.optimizer}'")
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:

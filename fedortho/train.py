@@ -103,7 +103,7 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
     model.train()
     params = set_trainable(model, trainable)
     named = list(zip(trainable, params))
-    optimizer = base_optimizer = build_optimizer(cfg.optimizer, named, cfg.lr, cfg.head_lr)
+    optimizer = base_optimizer = build_optimizer(cfg.optimizer, named, cfg.lr, cfg.head_lr, cfg.orthogonalize)
     if optimizer_state is not None:
         import_state(base_optimizer, named, *optimizer_state)
     # Independent streams for dropout, batch sampling and noise.

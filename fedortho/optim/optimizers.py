@@ -1,4 +1,4 @@
-"""AuON, Hybrid-AuON, Muon and NorMuon as ``torch.optim.Optimizer`` subclasses.
+"""AuON, Hybrid-AuON, Muon, NorMuon and ROOT as ``torch.optim.Optimizer`` subclasses.
 
 Matrix parameters get momentum (0.95, Nesterov) and an orthogonalized direction; every other
 trainable parameter (bias, LayerNorm, a classification head put in a non-orthogonal group)
@@ -18,7 +18,10 @@ from collections import defaultdict
 import torch
 
 from fedortho.optim import kernels
-from fedortho.optim.orthogonal import shape_scale
+from fedortho.optim.orthogonal import exact_polar, normuon_from_orthogonal, root_coefficients, root_direction, \
+    shape_scale
+
+ORTHOGONALIZE = ("newton-schulz", "exact")
 
 
 class OrthogonalMomentum(torch.optim.Optimizer):
@@ -26,20 +29,30 @@ class OrthogonalMomentum(torch.optim.Optimizer):
 
     Param groups may set ``orthogonal``: True (all matrices), False (``other`` for all) or None
     (the default: 2-D parameters orthogonal, the rest ``other``: "adamw" or "sgd", at ``other_lr``).
+    ``orthogonalize``: "newton-schulz" (five quintic steps) or "exact" (the polar factor,
+    ``orthogonal.exact_polar``), for the optimizers whose direction is a polar factor
+    (``exact_capable``).
     """
+
+    exact_capable = False
 
     default_lr = 0.02
 
     def __init__(self, params, lr: float | None = None, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, other: str = "adamw", other_lr: float = 1e-3,
                  adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
-                 batched: bool = True) -> None:
+                 batched: bool = True, orthogonalize: str = "newton-schulz") -> None:
         lr = self.default_lr if lr is None else lr
         if lr <= 0 or other_lr <= 0 or not 0 <= momentum < 1 or other not in ("adamw", "sgd"):
             raise ValueError(f"{type(self).__name__}: need lr > 0, other_lr > 0, 0 <= momentum < 1 "
                              "and other in ('adamw', 'sgd')")
+        if orthogonalize not in ORTHOGONALIZE or (orthogonalize == "exact" and not self.exact_capable):
+            raise ValueError(f"{type(self).__name__}: orthogonalize must be "
+                             f"{' or '.join(ORTHOGONALIZE) if self.exact_capable else 'newton-schulz'}, "
+                             f"got {orthogonalize!r}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, other=other,
-                        other_lr=other_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps, orthogonal=None)
+                        other_lr=other_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps, orthogonal=None,
+                        orthogonalize=orthogonalize)
         super().__init__(params, defaults)
         self.batched = batched
 
@@ -143,9 +156,10 @@ class Muon(OrthogonalMomentum):
     """Muon: 5 quintic Newton-Schulz steps on the Nesterov momentum; step lr * sqrt(max(1, m/n)) * X."""
 
     default_lr = 0.02
+    exact_capable = True
 
     def direction(self, u, params, group):
-        return kernels.newton_schulz(u)
+        return exact_polar(u) if group["orthogonalize"] == "exact" else kernels.newton_schulz(u)
 
 
 class AuON(OrthogonalMomentum):
@@ -191,6 +205,7 @@ class NorMuon(OrthogonalMomentum):
     and rescaled to its Frobenius norm before that division."""
 
     default_lr = 0.02
+    exact_capable = True
 
     def __init__(self, params, lr: float | None = None, beta2: float = 0.95, **kwargs) -> None:
         super().__init__(params, lr=lr, **kwargs)
@@ -199,4 +214,27 @@ class NorMuon(OrthogonalMomentum):
 
     def direction(self, u, params, group):
         moments = self._stacked_state(params, "second_moment", (params[0].shape[0], 1))
+        if group["orthogonalize"] == "exact":
+            return normuon_from_orthogonal(exact_polar(u), moments, group["beta2"])
         return kernels.normuon_direction(u, moments, group["beta2"])  # updates the moments in place
+
+
+class ROOT(OrthogonalMomentum):
+    """ROOT (He et al., 2025; reference code huawei-noah/noah-research ROOT/): Nesterov momentum
+    0.95; the entries of u above its 0.9-quantile in magnitude (+1e-9) clamped to it (the
+    soft-thresholded outliers removed); then five Newton-Schulz steps with the coefficients of
+    the matrix's shape (``orthogonal.ROOT_COEFFS``), or the exact polar factor.
+
+    Where it differs from the reference code: momentum is the shared dampened form (M <- 0.95 M
+    + 0.05 G, u = lerp(G, M, 0.95)), which is the reference's (M <- 0.95 M + G, u = G + 0.95 M)
+    times 0.05; clamping and the Frobenius normalization make the direction the same. The step
+    is lr * sqrt(max(1, m/n)) as for the other optimizers here, not the reference's Moonlight
+    scaling 0.2 * sqrt(max(m, n)) (a constant factor per shape, absorbed by the learning rate).
+    """
+
+    default_lr = 0.02
+    exact_capable = True
+
+    def direction(self, u, params, group):
+        m, n = params[0].shape
+        return root_direction(u, root_coefficients(m, n), exact=group["orthogonalize"] == "exact")

@@ -25,14 +25,15 @@ def shape_scale(m: int, n: int) -> float:
     return max(1.0, m / n) ** 0.5
 
 
-def newton_schulz_step(x: torch.Tensor) -> torch.Tensor:
+def newton_schulz_step(x: torch.Tensor, coeffs: tuple[float, float, float] = NS_COEFFS) -> torch.Tensor:
     """One quintic step X <- aX + (bA + cA^2)X with A = X X^T, for wide X (rows <= cols)."""
-    a, b, c = NS_COEFFS
+    a, b, c = coeffs
     gram = x @ x.transpose(-1, -2)
     return a * x + (b * gram + c * gram @ gram) @ x
 
 
-def newton_schulz(u: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
+def newton_schulz(u: torch.Tensor, steps: int = NS_STEPS,
+                  coeffs: tuple[float, float, float] = NS_COEFFS) -> torch.Tensor:
     """Approximate the orthogonal polar factor of ``u`` (singular values pushed into ~[0.7, 1.2]).
 
     Iterates on the smaller side: a tall (m > n) matrix is transposed, so the Gram matrix is
@@ -41,8 +42,81 @@ def newton_schulz(u: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     tall = u.shape[-2] > u.shape[-1]
     x = frobenius_normalize(u.transpose(-1, -2) if tall else u)
     for _ in range(steps):
-        x = newton_schulz_step(x)
+        x = newton_schulz_step(x, coeffs)
     return x.transpose(-1, -2) if tall else x
+
+
+# Below this share of the largest singular value a direction counts as absent: the exact
+# polar factor of a rank-deficient matrix is taken on its range (zero elsewhere), as the
+# Newton-Schulz iteration leaves vanishing directions near zero too.
+POLAR_RANK_TOLERANCE = 1e-6
+
+
+def exact_polar(u: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor U V^T of each matrix of ``u`` (..., m, n), exactly.
+
+    For a wide X (r, n), r <= n: X X^T = Q diag(l) Q^T (an r x r eigendecomposition), and
+    U V^T = Q diag(l^-1/2) Q^T X. For LoRA (r <= 64) that costs two thin products and one
+    tiny symmetric eigendecomposition, less than five Newton-Schulz steps, and leaves every
+    singular value at exactly 1 (0 for directions below ``POLAR_RANK_TOLERANCE``). The r x r
+    part runs in float64, where squaring the condition number costs no accuracy that float32
+    inputs have.
+    """
+    tall = u.shape[-2] > u.shape[-1]
+    x = u.transpose(-1, -2) if tall else u
+    x64 = x.double()
+    values, vectors = torch.linalg.eigh(x64 @ x64.transpose(-1, -2))
+    floor = (POLAR_RANK_TOLERANCE ** 2) * values.amax(dim=-1, keepdim=True).clamp_min(1e-300)
+    inverse_root = torch.where(values > floor, values.clamp_min(1e-300).rsqrt(), torch.zeros_like(values))
+    polar = (vectors * inverse_root.unsqueeze(-2)) @ vectors.transpose(-1, -2) @ x64
+    polar = polar.to(u.dtype)
+    return polar.transpose(-1, -2) if tall else polar
+
+
+# ROOT's Newton-Schulz coefficients by matrix shape (rows <= cols). The four large shapes are
+# the ROOT reference code's; the LoRA shapes are fitted by its criterion (five steps map the
+# normalized singular values closest to 1) in ``fedortho.optim.root_fit``, which prints this
+# table. Other shapes fall back to Muon's quintic, as in the reference code.
+ROOT_COEFFS: dict[tuple[int, int], tuple[float, float, float]] = {
+    (2048, 2048): (3.4916, -4.8224, 2.1095),
+    (2048, 3072): (3.4509, -4.5790, 1.9325),
+    (2048, 8192): (2.9794, -3.6674, 1.6207),
+    (2048, 16384): (3.1943, -3.8221, 1.5322),
+    (4, 384): (2.9437, -3.1260, 1.1768),
+    (4, 768): (2.5997, -2.9596, 1.3595),
+    (4, 1024): (2.9462, -3.1278, 1.1756),
+    (8, 384): (2.6740, -3.1567, 1.4800),
+    (8, 768): (2.6459, -3.1033, 1.4557),
+    (8, 1024): (2.6720, -3.1404, 1.4659),
+    (16, 384): (2.7403, -3.2968, 1.5461),
+    (16, 768): (2.7576, -3.3264, 1.5566),
+    (16, 1024): (2.7409, -3.2957, 1.5437),
+}
+
+
+def root_coefficients(m: int, n: int) -> tuple[float, float, float]:
+    return ROOT_COEFFS.get((min(m, n), max(m, n)), NS_COEFFS)
+
+
+ROOT_QUANTILE = 0.9
+ROOT_THRESHOLD_EPS = 1e-9
+
+
+def root_clamp(u: torch.Tensor) -> torch.Tensor:
+    """ROOT's outlier suppression for each matrix of ``u``: the soft-thresholded part
+    sign(u) max(|u| - t, 0) removed, with t the 0.9-quantile of |u| (+1e-9), which is u
+    clamped to [-t, t]."""
+    flat = u.abs().flatten(-2)
+    t = torch.quantile(flat.float() if flat.dtype not in (torch.float32, torch.float64) else flat,
+                       ROOT_QUANTILE, dim=-1).to(u.dtype) + ROOT_THRESHOLD_EPS
+    t = t[..., None, None]
+    return torch.maximum(torch.minimum(u, t), -t)
+
+
+def root_direction(u: torch.Tensor, coeffs: tuple[float, float, float], exact: bool = False) -> torch.Tensor:
+    """ROOT: clamp the outliers, then orthogonalize (Newton-Schulz with ``coeffs``, or exactly)."""
+    clamped = root_clamp(u)
+    return exact_polar(clamped) if exact else newton_schulz(clamped, coeffs=coeffs)
 
 
 def cosh_rms(x: torch.Tensor) -> torch.Tensor:
