@@ -87,8 +87,11 @@ def _kept_privacy(context: Context) -> PrivacyState | None:
     """The PrivacyState this client kept from its earlier rounds of the run (None before its first)."""
     if STATE_PRIVACY not in context.state:
         return None
+    record = context.state[STATE_PRIVACY]
     try:
-        return PrivacyState.from_state_dict(json.loads(str(context.state[STATE_PRIVACY]["state"])))
+        if "state" not in record and "noise-multipliers" in record:
+            return _earlier_layout(record)
+        return PrivacyState.from_state_dict(json.loads(str(record["state"])))
     except (KeyError, TypeError, ValueError) as exc:
         raise RuntimeError(f"this client's privacy state is unreadable ({type(exc).__name__}); refusing to train") \
             from None
@@ -138,6 +141,16 @@ def _kept_optimizer_state(cfg: RunConfig, context: Context, held: dict):
                                                            for k in basis if k in held):
         tensors = rotate_saved_state(tensors, basis, held)  # the server rotated (B, A): rotate B's momentum too
     return tensors, scalars
+
+
+def _earlier_layout(record) -> PrivacyState:
+    """A privacy record kept in the earlier layout (parallel lists and plan fields, as
+    checkpoints and nodes' state files of earlier versions hold it)."""
+    history = list(zip(record["noise-multipliers"], record["sample-rates"], record["steps"]))
+    plan = NoisePlan(float(record["plan-noise-multiplier"]), float(record["plan-sample-rate"]),
+                     int(record["plan-steps"]), tuple(map(tuple, json.loads(str(record.get("plan-prior", "[]"))))))
+    return PrivacyState.from_state_dict({"epsilon": record["run-epsilon"], "delta": record["run-delta"],
+                                         "clip": record["run-clip"], "history": history, "plan": plan.state_dict()})
 
 
 def _privacy_past(cfg: RunConfig, context: Context, ledger: PrivacyLedger | None, seen: float,
@@ -320,7 +333,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     if _reports_diagnostics(node):
         metrics.update(result.diagnostics)
-    if not cfg.private:
+    if not (cfg.private or cfg.user_private):
         # The loss on the private batches is computed without clipping or noise: releasing
         # it would spend privacy no accountant counts, so only non-private runs report it.
         metrics["train-loss"] = result.train_loss

@@ -234,7 +234,11 @@ class RunRecorder:
             eps = row.get("epsilon")
             eps_text = "-" if eps is None else ("inf" if not math.isfinite(eps) else f"{eps:.2f}")
             accuracy, loss = row.get("test-accuracy"), row.get("test-loss")
-            user = f"  user epsilon {row['user-epsilon']:.2f}" if "user-epsilon" in row else ""
+            user = ""
+            if "user-epsilon" in row:
+                simulated = self.cfg.noise_cohort_size > 0
+                user = f"  user epsilon {row['user-epsilon']:.2f}" + (
+                    f" (simulated population of {row['user-population']:g})" if simulated else "")
             print(f"round {row['round']:>3}/{self.cfg.rounds}  accuracy {_text(accuracy, 4)}  "
                   f"loss {_text(loss, 4)}  epsilon {eps_text}{user}  clients {row.get('clients-replied', '-')}  "
                   f"{row.get('round-seconds', 0.0):.1f}s", flush=True)

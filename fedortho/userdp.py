@@ -18,8 +18,9 @@ Adaptive clipping (Andrew et al., 2021): every client also contributes one bit, 
 update was within the clip; the server noises the count of those bits (standard deviation
 ``clip-count-stddev``) and moves the clip geometrically towards the ``clip-quantile`` of the
 update norms. The two Gaussian releases compose into one of multiplier z when the update's
-own noise multiplier is (z^-2 - (2 sigma_b)^-2)^-1/2 (the bit, centred, has sensitivity 1/2),
-so the accountant still sees z.
+own noise multiplier is (z^-2 - (2 sigma_b)^-2)^-1/2: the server noises the sum of the
+centred bits b - 1/2, which one client more or less moves by at most 1/2, so the accountant
+still sees z.
 
 Simulated population (pfl-research's noise cohort): with ``noise-cohort-size`` M, the noise
 is what a cohort of M clients would need, while the simulation samples m = q N of its N
@@ -129,14 +130,33 @@ def update_norm(update: Mapping[str, torch.Tensor], global_state: Mapping[str, t
     return math.sqrt(total)
 
 
+def clipped_difference(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor],
+                       clip: float) -> tuple[Tensors, float]:
+    """(the update's difference from the global tensors scaled to L2 norm at most ``clip``, in
+    float64, the difference's norm before)."""
+    difference = {k: update[k].double() - global_state[k].double() for k in update}
+    norm = math.sqrt(sum(float((d ** 2).sum()) for d in difference.values()))
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    return {k: d * scale for k, d in difference.items()}, norm
+
+
+def rounding_allowance(update: Mapping[str, torch.Tensor]) -> float:
+    """The most by which rounding a clipped update to its dtype can move its norm: the L2
+    norm of one unit in the last place of every entry."""
+    total = 0.0
+    for v in update.values():
+        ulp = torch.nextafter(v.abs(), torch.full_like(v, math.inf)) - v.abs()
+        total += float((ulp.double() ** 2).sum())
+    return math.sqrt(total)
+
+
 def clip_update(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor],
                 clip: float) -> tuple[Tensors, float]:
-    """(global + the difference scaled to L2 norm at most ``clip``, the difference's norm)."""
-    norm = update_norm(update, global_state)
-    scale = min(1.0, clip / norm) if norm > 0 else 1.0
-    clipped = {k: (global_state[k].double() + scale * (update[k].double() - global_state[k].double())
-                   ).to(update[k].dtype) for k in update}
-    return clipped, norm
+    """(global + the difference scaled to L2 norm at most ``clip``, in the update's dtype, the
+    difference's norm): what a client that clips its own update sends. Rounding to float32
+    may leave it a hair above the clip; the server clips again in float64 (``privatize``)."""
+    difference, norm = clipped_difference(update, global_state, clip)
+    return {k: (global_state[k].double() + d).to(update[k].dtype) for k, d in difference.items()}, norm
 
 
 @dataclass
@@ -173,8 +193,13 @@ class UserLevelDP:
         return {"clip": self.clip, "privacy": self.account.state_dict()}
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.clip = float(state["clip"])
-        self.account = privacy.PrivacyState.from_state_dict(state["privacy"])
+        account = privacy.PrivacyState.from_state_dict(state["privacy"])
+        if account.plan != self.plan.noise_plan() or (account.epsilon, account.delta) != (self.plan.epsilon,
+                                                                                          self.plan.delta):
+            # the noise would follow this plan and the accountant the saved one
+            raise ValueError(f"the saved user-level plan {account.plan} differs from this run's "
+                             f"{self.plan.noise_plan()}")
+        self.clip, self.account = float(state["clip"]), account
 
     @property
     def rounds(self) -> int:
@@ -208,13 +233,16 @@ class UserLevelDP:
         names = sorted(names)  # one order: the same noise for the same seed
         total = {k: torch.zeros_like(global_state[k], dtype=torch.float64) for k in names}
         for i, update in enumerate(updates):
+            # In float64, straight into the sum: each contribution's norm is at most the clip.
+            # Under client placement the update is already clipped (up to float32 rounding,
+            # which this removes) and the bit is the client's.
+            difference, norm = clipped_difference({k: update[k] for k in names}, global_state, clip)
             if self.placement == "server":
-                update, norm = clip_update(update, global_state, clip)
                 bits.append(norm <= clip)
             elif within_clip is not None:
                 bits.append(bool(within_clip[i]))
             for k in names:
-                total[k] += update[k].double() - global_state[k].double()
+                total[k] += difference[k]
         gen = self.generator(server_round)
         std = self.plan.update_noise_multiplier * clip * self.plan.noise_scale
         denominator = self.plan.expected_cohort
@@ -224,9 +252,13 @@ class UserLevelDP:
             noisy[k] = (global_state[k].double() + (total[k] + noise) / denominator).to(global_state[k].dtype)
         fraction = None
         if self.adaptive:
+            # The centred bits b - 1/2: one client more or less moves their sum by at most 1/2,
+            # the sensitivity the budget split assumes. (Their plain count would move by 1, and
+            # the cohort's size that would make the centring free is not public.)
             count_noise = float(torch.randn((), generator=gen, dtype=torch.float64)) * \
                 self.plan.count_stddev * self.plan.noise_scale
-            fraction = (sum(bits) + count_noise) / denominator
+            centred = sum(b - 0.5 for b in map(float, bits))
+            fraction = (centred + count_noise) / denominator + 0.5
             self.clip = clip * math.exp(-self.clip_lr * (fraction - self.quantile))
         self.account.history = self.account.after(1)
         return noisy, Release(clip=clip, next_clip=self.clip, epsilon=after, cohort=len(updates),

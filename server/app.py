@@ -24,7 +24,7 @@ from fedortho.runs import RunRecorder, RunStopped, default_out, get_logger
 from fedortho.train import evaluate
 from fedortho.worker import build_model, set_threads
 from server.grid import PromptGrid
-from server.strategy import LoRAStrategy
+from server.strategy import LoRAStrategy, user_mechanism
 
 
 def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_travels: bool = False,
@@ -39,6 +39,7 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
     the run's budget, which a simulation hands to its workers.
     """
     set_threads(cfg)
+    user_mechanism(cfg, seed=None)  # an impossible user-level plan stops the run before its folder exists
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     # the clients' files were verified before the run started (fedortho simulate --resume) and are
     # verified again as each client is sampled

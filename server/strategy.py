@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 import time
 from collections.abc import Iterable, Sequence
 from logging import INFO
@@ -22,7 +23,7 @@ from flwr.supercore import log
 
 from client.state import from_records, to_records
 from fedortho import privacy, protocol, rules, userdp
-from fedortho.checkpoint import ClientStates
+from fedortho.checkpoint import CheckpointError, ClientStates
 from fedortho.config import ConfigError, RunConfig
 from fedortho.fedsvd import AggregationError, check_update
 from fedortho.runs import RunStopped, get_logger
@@ -61,6 +62,10 @@ class LoRAStrategy(FedAvg):
         self._global: dict[str, torch.Tensor] = {}
         # A simulation's noise follows its seed, to reproduce; a deployment's comes from the OS.
         self.user_dp = user_mechanism(cfg, seed=cfg.seed if client_states is not None else None)
+        if self.user_dp and client_states is None:
+            # Sampling amplifies privacy only if no one can predict the cohorts: a deployment
+            # under user-level DP draws them from the OS, not from the run's (public) seed.
+            self.rng = np.random.default_rng(secrets.randbits(128))
 
     def state_dict(self) -> dict:
         """What the next rounds depend on, as JSON: a resumed run samples, versions and checks
@@ -75,7 +80,10 @@ class LoRAStrategy(FedAvg):
         self.held_version = int(state["held-version"])
         self.epsilon_of_partition = {int(p): float(e) for p, e in state["epsilon-of-partition"].items()}
         if self.user_dp:
-            self.user_dp.load_state_dict(state["user-dp"])
+            try:
+                self.user_dp.load_state_dict(state["user-dp"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"the checkpoint's user-level DP state does not fit this run: {exc}") from None
 
     def summary(self) -> None:
         c = self.cfg
@@ -276,7 +284,7 @@ class LoRAStrategy(FedAvg):
         """A client that clips its own update must stay within the round's clip; its bit
         (whether the update was within it before clipping) feeds adaptive clipping."""
         norm, clip = userdp.update_norm(update, expected), self.user_dp.clip
-        if norm > clip * (1 + 1e-5):
+        if norm > clip * (1 + 1e-9) + userdp.rounding_allowance(update):  # (the server's own clip removes rounding)
             raise AggregationError(f"update norm {norm:.6g} exceeds update-clip {clip:.6g} (clip-placement client)")
         if not self.cfg.adaptive_clip:
             return None
@@ -383,8 +391,9 @@ def user_metrics(release: userdp.Release, plan: userdp.UserPlan) -> dict:
     """A round's user-level record: cumulative epsilon with what the accountant composed (noise
     multiplier and sampling rate), the clip the round used, the cohort's size, and (adaptive
     clipping) the noisy share of updates within the clip."""
-    out = {"user-epsilon": release.epsilon, "user-noise-multiplier": plan.noise_multiplier,
-           "user-sample-rate": plan.sample_rate, "update-clip": release.clip, "cohort": release.cohort}
+    out = {"user-epsilon": release.epsilon, "user-population": plan.population,
+           "user-noise-multiplier": plan.noise_multiplier, "user-sample-rate": plan.sample_rate,
+           "update-clip": release.clip, "cohort": release.cohort}
     if release.unclipped_fraction is not None:
         out["unclipped-fraction"] = release.unclipped_fraction
     return out

@@ -646,3 +646,20 @@ def test_a_deployed_node_refuses_to_train_a_partition_it_does_not_hold(tiny_cfg)
     assert rounds[0]["clients-replied"] == 1 and rounds[0]["clients-failed"] == 2
     assert "client 0 failed: NodeConfigError: this node holds partition 1, the server asks it to train partition 0; " \
            "refusing" in lines
+
+
+def test_a_privacy_record_of_the_earlier_layout_is_read_as_a_privacy_state():
+    """Checkpoints and nodes' state files written before PrivacyState kept parallel lists;
+    a client resumed from one goes on with that history and plan."""
+    from flwr.app import ConfigRecord
+
+    from client.app import STATE_PRIVACY, _kept_privacy
+    from fedortho.privacy import NoisePlan, PrivacyState
+
+    record = {"noise-multipliers": [1.2, 0.9], "sample-rates": [0.02, 0.02], "steps": [6, 3],
+              "plan-sample-rate": 0.02, "plan-steps": 24, "plan-noise-multiplier": 1.2,
+              "plan-prior": "[[0.9, 0.02, 3]]", "run-epsilon": 6.0, "run-delta": 1e-5, "run-clip": 2.0}
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict({STATE_PRIVACY: ConfigRecord(record)}),
+                      run_config={})
+    assert _kept_privacy(context) == PrivacyState(6.0, 1e-5, 2.0, [(1.2, 0.02, 6), (0.9, 0.02, 3)],
+                                                  NoisePlan(1.2, 0.02, 24, ((0.9, 0.02, 3),)))

@@ -191,6 +191,59 @@ def test_adaptive_clipping_tracks_a_known_quantile(quantile):
     assert np.mean(clips[-50:]) == pytest.approx(10 * quantile, rel=0.12)
 
 
+def test_one_client_moves_the_released_count_by_at_most_one_half():
+    """The bits' release has the sensitivity the budget split assumes: with the same noise, a
+    cohort with one client more (within the clip or not) moves the noisy count by 1/2."""
+    plan = userdp.plan(3.0, 1e-5, 1000, 100, 10, adaptive=True)
+    g = {"x": torch.zeros(1)}
+    small = [{"x": torch.tensor([n])} for n in (0.1, 0.5, 3.0, 9.0)]
+    counts = []
+    for cohort in (small, small + [{"x": torch.tensor([0.2])}], small + [{"x": torch.tensor([50.0])}]):
+        dp = mechanism(plan, clip=1.0, adaptive=True, seed=4)
+        counts.append(dp.privatize(g, ["x"], cohort, 1)[1].unclipped_fraction * plan.expected_cohort)
+    assert abs(counts[1] - counts[0]) == pytest.approx(0.5, abs=1e-9)
+    assert abs(counts[2] - counts[0]) == pytest.approx(0.5, abs=1e-9)
+
+
+def test_a_resumed_mechanism_releases_what_the_uninterrupted_one_does():
+    """The state goes through JSON (as in a checkpoint); the next rounds' releases, clip and
+    epsilon are the same; a checkpoint of another plan is refused."""
+    import json
+
+    plan = userdp.plan(3.0, 1e-5, 1000, 100, 4, adaptive=True)
+    g = {"x": torch.zeros(5)}
+    cohorts = [[{"x": torch.randn(5, generator=torch.Generator().manual_seed(10 * r + i))} for i in range(6)]
+               for r in range(4)]
+    whole = mechanism(plan, clip=0.5, adaptive=True, seed=2)
+    outputs = [whole.privatize(g, ["x"], cohorts[r], r + 1) for r in range(4)]
+    first = mechanism(plan, clip=0.5, adaptive=True, seed=2)
+    for r in range(2):
+        first.privatize(g, ["x"], cohorts[r], r + 1)
+    resumed = mechanism(plan, clip=0.5, adaptive=True, seed=2)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for r in (2, 3):
+        out, release = resumed.privatize(g, ["x"], cohorts[r], r + 1)
+        assert torch.equal(out["x"], outputs[r][0]["x"]) and release == outputs[r][1]
+    assert resumed.epsilon == whole.epsilon and resumed.clip == whole.clip
+    other = mechanism(userdp.plan(5.0, 1e-5, 1000, 100, 4, adaptive=True), clip=0.5, adaptive=True)
+    with pytest.raises(ValueError, match="differs"):
+        other.load_state_dict(first.state_dict())
+
+
+def test_client_clipped_float32_updates_are_clipped_again_in_float64():
+    """A client's clip rounded to float32 may end a hair above the bound; the server takes
+    each contribution at most the clip, exactly (the float64 difference it sums), and does
+    not mistake the hair for a client that did not clip."""
+    gen = torch.Generator().manual_seed(6)
+    g = {"w": torch.rand(100_000, generator=gen) + 0.5}
+    update = {"w": g["w"] + torch.randn(100_000, generator=gen)}
+    clipped, _ = userdp.clip_update(update, g, 1e-4)
+    sent = userdp.update_norm(clipped, g)
+    assert 1e-4 < sent <= 1e-4 + userdp.rounding_allowance(clipped)  # float32 rounding, and what it allows
+    summed, _ = userdp.clipped_difference(clipped, g, 1e-4)
+    assert math.sqrt(sum(float((d ** 2).sum()) for d in summed.values())) <= 1e-4 * (1 + 1e-12)
+
+
 def test_adaptive_clipping_composes_to_the_planned_multiplier():
     plan = userdp.plan(3.0, 1e-5, 1000, 100, 10, adaptive=True, count_stddev=20.0)
     z, zu, sb = plan.noise_multiplier, plan.update_noise_multiplier, plan.count_stddev

@@ -16,9 +16,13 @@ from test_strategy import LocalGrid
 from test_userdp import opacus_epsilon
 
 
-def run(cfg, grid):
-    """The strategy over ``grid``; returns it, every round's record and every round's state."""
+def run(cfg, grid, seeded=True):
+    """The strategy over ``grid``; returns it, every round's record and every round's state.
+    ``seeded``: cohorts and noise from the run's seed, as in a simulation (the LocalGrid is a
+    deployment, which draws both from the OS)."""
     strategy = LoRAStrategy(cfg)
+    if seeded and strategy.user_dp:
+        strategy.rng, strategy.user_dp.seed = np.random.default_rng(cfg.seed), cfg.seed
     records, states = [], []
 
     def after(rnd, arrays):
@@ -63,6 +67,7 @@ def test_every_rule_runs_privately_with_each_placement(tiny_cfg, rule_name, plac
         [opacus_epsilon(plan.noise_multiplier, 1.0, n, cfg.user_delta) for n in (1, 2)], rel=1e-9)
     assert records[-1]["user-epsilon"] <= 4.0
     assert all(r["clients-replied"] == 3 and r["clients-failed"] == 0 for r in records)
+    assert all("train-loss" not in r for r in records)  # computed from private data without noise
     for before, after in zip(states, states[1:]):
         assert any(not torch.equal(before[k], after[k]) for k in after)  # noise moved the model
     norms = [userdp.update_norm(update, sent) for pairs in grid.pairs.values() for sent, update, _ in pairs]
@@ -70,6 +75,29 @@ def test_every_rule_runs_privately_with_each_placement(tiny_cfg, rule_name, plac
         assert max(norms) <= 0.05 * (1 + 1e-5)
     else:
         assert max(norms) > 0.05  # raw updates; the server clipped them
+
+
+def test_the_servers_release_is_the_mechanism_on_what_the_clients_sent(tiny_cfg):
+    """End to end under server placement: the new global B is, to float32, the seeded
+    mechanism applied by hand to the updates that came back (clipped, noised, over the
+    expected cohort), and the server did clip: the raw updates were above the clip."""
+    cfg = tiny_cfg.replace(strategy="ffa", rounds=1, epsilon=math.inf, user_epsilon=4.0, update_clip=0.02,
+                           clients=6, clients_per_round=3, max_train_examples=360)
+    grid = RecordingGrid(6)
+    strategy = LoRAStrategy(cfg)
+    strategy.user_dp.seed = 13  # the LocalGrid is a deployment, whose noise is not seeded otherwise
+    states = []
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(build_model(cfg))), num_rounds=1,
+                   evaluate_fn=lambda rnd, arrays: states.append(arrays.to_torch_state_dict()) or None)
+    pairs = sorted(((msg_node, pair) for msg_node, ps in grid.pairs.items() for pair in ps), key=lambda x: x[0])
+    updates = [update for _, (_, update, _) in pairs]
+    assert updates and max(userdp.update_norm(u, states[0]) for u in updates) > 0.02
+    by_hand = userdp.UserLevelDP(strategy.user_dp.plan, 0.02, seed=13)
+    names = sorted(updates[0])
+    expected, _ = by_hand.privatize(states[0], names, updates, 1)
+    for k in names:
+        assert torch.allclose(states[1][k], expected[k], atol=1e-6)
+    assert strategy.user_dp.plan.expected_cohort == 3
 
 
 def test_both_kinds_of_dp_in_one_run_report_each_budget(tiny_cfg):
@@ -99,6 +127,18 @@ def test_cohorts_are_poisson_samples_at_the_accountants_rate(tiny_cfg):
         assert any(not torch.equal(states[i][k], states[i + 1][k]) for k in states[i])
         assert records[i]["user-epsilon"] > records[i - 1]["user-epsilon"]
     assert records[-1]["user-epsilon"] <= 8.0
+
+
+def test_deployed_cohorts_and_noise_are_not_predictable_from_the_seed(tiny_cfg):
+    """A deployment (clients keep their own state) draws cohorts and noise from the OS: two
+    servers of one config sample differently, and neither as the seed would."""
+    cfg = tiny_cfg.replace(clients=600, clients_per_round=200, epsilon=math.inf, user_epsilon=8.0)
+    draws = [userdp.poisson_cohort(LoRAStrategy(cfg).rng, range(600), 1 / 3) for _ in range(2)]
+    seeded = userdp.poisson_cohort(np.random.default_rng(cfg.seed), range(600), 1 / 3)
+    assert draws[0] != draws[1] and seeded not in draws
+    assert LoRAStrategy(cfg).user_dp.seed is None
+    simulated = LoRAStrategy(cfg, client_states={})  # a simulation reproduces from its seed
+    assert userdp.poisson_cohort(simulated.rng, range(600), 1 / 3) == seeded and simulated.user_dp.seed == cfg.seed
 
 
 def inflate(node, reply):
