@@ -132,7 +132,7 @@ def test_cohorts_are_poisson_samples_at_the_accountants_rate(tiny_cfg):
 def test_deployed_cohorts_and_noise_are_not_predictable_from_the_seed(tiny_cfg):
     """A deployment (clients keep their own state) draws cohorts and noise from the OS: two
     servers of one config sample differently, and neither as the seed would."""
-    cfg = tiny_cfg.replace(clients=600, clients_per_round=200, epsilon=math.inf, user_epsilon=8.0)
+    cfg = tiny_cfg.replace(clients=600, clients_per_round=200, rounds=2, epsilon=math.inf, user_epsilon=8.0)
     draws = [userdp.poisson_cohort(LoRAStrategy(cfg).rng, range(600), 1 / 3) for _ in range(2)]
     seeded = userdp.poisson_cohort(np.random.default_rng(cfg.seed), range(600), 1 / 3)
     assert draws[0] != draws[1] and seeded not in draws
