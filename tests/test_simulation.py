@@ -165,6 +165,7 @@ def test_missing_dataset_and_used_run_folder_fail_before_ray_starts(tmp_path, fi
     ("rank too large", r"lora-r 10000 exceeds bert\.encoder\.layer\.0\.attention\.self\.query \(\d+x\d+\)"),
     ("no such target", "lora-targets nothing names no linear layer"),
     ("epsilon overflow", r"setting 'epsilon' is infinite \('1e309'\)"),
+    ("user-level count noise too small", r"adaptive clipping needs clip-count-stddev above"),
 ])
 def test_bad_inputs_fail_in_one_line_before_ray_starts(tmp_path, tiny_model_dir, hf_dataset_dir, case, message):
     out = tmp_path / "out"
@@ -180,6 +181,8 @@ def test_bad_inputs_fail_in_one_line_before_ray_starts(tmp_path, tiny_model_dir,
         extra = ["--lora-r", "10000"]
     elif case == "no such target":
         extra = ["--lora-targets", "nothing"]
+    elif case.startswith("user-level"):
+        extra = ["--user-epsilon", "2", "--adaptive-clip", "true"]  # 3 clients: count noise 0.15
     else:
         extra = ["--epsilon", "1e309"]
     proc = subprocess.run([sys.executable, "-m", "fedortho.cli", "simulate", "--model", tiny_model_dir,
