@@ -419,3 +419,13 @@ def test_a_tiny_federation_learns_with_each_optimizer(tiny_cfg, name):
     load_adapter_state(model, state)
     _, loss_after = evaluate(model, train)
     assert loss_after < loss_before - 0.005
+
+
+@pytest.mark.parametrize("shape", [(3, 384, 8), (2, 5, 7), (1, 1, 1), (4, 2, 3)])
+def test_the_quantile_by_selection_is_torchs_linear_quantile(shape):
+    from fedortho.optim.orthogonal import quantile_of_magnitudes
+
+    u = torch.randn(*shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    for q in (0.0, 0.37, 0.9, 1.0):
+        expected = torch.quantile(u.abs().flatten(-2), q, dim=-1)
+        assert torch.allclose(quantile_of_magnitudes(u, q).flatten(), expected, atol=1e-15, rtol=0)
