@@ -161,7 +161,8 @@ def clip_update(update: Mapping[str, torch.Tensor], global_state: Mapping[str, t
 
 @dataclass
 class Release:
-    """What one round of the mechanism released, for the run's records (all public)."""
+    """One round of the mechanism, for the run's records: what it released (the clip, epsilon,
+    the noisy fraction) and the cohort's size, which is the server's own (README)."""
 
     clip: float  # the clip this round used
     next_clip: float
