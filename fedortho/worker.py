@@ -7,7 +7,7 @@ round overwrites all adapter tensors, so the shared model carries nothing betwee
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
