@@ -71,10 +71,11 @@ def _run_config(msg: Message) -> RunConfig:
     return RunConfig.from_mapping(values)
 
 
-def _config(msg: Message, node: NodeSettings, context: Context) -> RunConfig:
+def _config(msg: Message, node: NodeSettings, kept: PrivacyState | None) -> RunConfig:
+    """The run's settings, checked against the node's pinned privacy settings and against the
+    budget of the client's kept privacy state (``_kept_privacy``)."""
     cfg = _run_config(msg)
     node.check_privacy(cfg)
-    kept = _kept_privacy(context)
     if kept is not None:  # the budget may not change once spending has begun
         for key in protocol.PRIVACY_KEYS:
             if float(getattr(kept, key)) != float(getattr(cfg, key)):
@@ -153,7 +154,7 @@ def _earlier_layout(record) -> PrivacyState:
                                          "clip": record["run-clip"], "history": history, "plan": plan.state_dict()})
 
 
-def _privacy_past(cfg: RunConfig, context: Context, ledger: PrivacyLedger | None, seen: float,
+def _privacy_past(cfg: RunConfig, kept: PrivacyState | None, ledger: PrivacyLedger | None, seen: float,
                   backend) -> tuple[PrivacyState, float]:
     """(state, spent): this client's PrivacyState with everything its data has spent so far
     (with a ledger, every run's rounds on this node, this run's included), and its epsilon.
@@ -161,7 +162,7 @@ def _privacy_past(cfg: RunConfig, context: Context, ledger: PrivacyLedger | None
     process trains it next does not redo it, and a plan made after a ledger's earlier runs
     keeps covering what they left. Refuses to go on if spending the server has seen
     (``seen``) or this run's own history is missing from what it finds."""
-    state = _kept_privacy(context) or PrivacyState(cfg.epsilon, cfg.delta, cfg.clip)
+    state = kept or PrivacyState(cfg.epsilon, cfg.delta, cfg.clip)
     # Epsilon is computed by the backend: in a node worker, Opacus is imported once, not per message.
     spent = backend.spent_epsilon(state.history, cfg.delta)
     if ledger is not None:
@@ -279,7 +280,8 @@ def train(msg: Message, context: Context) -> Message:
         _restore_travelling_state(msg, context)
     else:
         _restore_from_disk(node, run_key, context)
-    cfg = _config(msg, node, context)
+    kept = _kept_privacy(context)
+    cfg = _config(msg, node, kept)
     partition_id, num_partitions = _client_of(round_config, node, cfg, travels)
     maybe_fail(cfg.seed, int(round_config[protocol.SERVER_ROUND]), partition_id, cfg.fail_rate)
     version = int(round_config[protocol.HELD_VERSION])
@@ -290,8 +292,7 @@ def train(msg: Message, context: Context) -> Message:
 
     ledger = node.privacy_ledger(cfg)
     with ledger.locked() if ledger is not None else nullcontext():
-        past, spent = _privacy_past(cfg, context, ledger, float(round_config.get(protocol.EPSILON_SEEN, 0.0)),
-                                    backend)
+        past, spent = _privacy_past(cfg, kept, ledger, float(round_config.get(protocol.EPSILON_SEEN, 0.0)), backend)
         secure = node.secure_noise
         work = ClientWork(cfg=cfg, partition_id=partition_id, num_partitions=num_partitions,
                           server_round=int(round_config[protocol.SERVER_ROUND]), global_state={**received, **held},

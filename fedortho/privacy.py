@@ -62,10 +62,10 @@ def search_noise_multiplier(epsilon: float, delta: float, sample_rate: float, st
     ``prior`` is spending that came before this run (a node's ledger): the plan then covers
     what is left of the budget.
     """
-    prior = [(float(s), float(q), int(n)) for s, q, n in prior]
+    prior = _history_tuple(prior)
     try:
         if prior:
-            return _search_after_prior(float(epsilon), float(delta), float(sample_rate), int(steps), tuple(prior))
+            return _search_after_prior(float(epsilon), float(delta), float(sample_rate), int(steps), prior)
         return _search_noise_multiplier(float(epsilon), float(delta), float(sample_rate), int(steps))
     except ValueError:  # Opacus: "The privacy budget is too low."
         left = "what is left of " if prior else ""
@@ -160,9 +160,6 @@ class PrivacyState:
         would pass the target."""
         plan = plan or self.plan
         return check_budget(self.history, plan.noise_multiplier, plan.sample_rate, steps, self.epsilon, self.delta)
-
-    def same_budget(self, epsilon: float, delta: float, clip: float) -> bool:
-        return (float(self.epsilon), float(self.delta), float(self.clip)) == (float(epsilon), float(delta), float(clip))
 
     def state_dict(self) -> dict:
         return {"epsilon": self.epsilon, "delta": self.delta, "clip": self.clip,

@@ -124,18 +124,25 @@ def plan_for(cfg) -> UserPlan | None:
                 cfg.clip_count_stddev, cfg.noise_cohort_size)
 
 
+def _difference(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]) -> Tensors:
+    return {k: update[k].double() - global_state[k].double() for k in update}
+
+
+def _norm(tensors: Tensors) -> float:
+    return math.sqrt(sum(float((t ** 2).sum()) for t in tensors.values()))
+
+
 def update_norm(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]) -> float:
     """L2 norm of the update's difference from the global tensors, all tensors together (float64)."""
-    total = sum(float(((update[k].double() - global_state[k].double()) ** 2).sum()) for k in update)
-    return math.sqrt(total)
+    return _norm(_difference(update, global_state))
 
 
 def clipped_difference(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor],
                        clip: float) -> tuple[Tensors, float]:
     """(the update's difference from the global tensors scaled to L2 norm at most ``clip``, in
     float64, the difference's norm before)."""
-    difference = {k: update[k].double() - global_state[k].double() for k in update}
-    norm = math.sqrt(sum(float((d ** 2).sum()) for d in difference.values()))
+    difference = _difference(update, global_state)
+    norm = _norm(difference)
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
     return {k: d * scale for k, d in difference.items()}, norm
 

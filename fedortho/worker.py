@@ -18,7 +18,7 @@ from fedortho.lora import adapter_state, attach_lora, load_adapter_state
 from fedortho.heads import label_texts, set_head, zero_shot_head
 from fedortho.models import load_classifier, load_tokenizer
 from fedortho.privacy import NoisePlan, NoisePlanner, PrivacyState
-from fedortho.train import ClientResult, round_seed, train_client
+from fedortho.train import ClientResult, client_plan, round_seed, train_client
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
 # The noise plans this process has made or been handed (a simulation's server hands its own
@@ -142,7 +142,5 @@ def warm_up(cfg: RunConfig, plans: list[NoisePlan] = ()) -> None:
 def plan_smallest_client(cfg: RunConfig, planner: NoisePlanner) -> NoisePlan:
     """The noise plan of the client with the fewest examples, which samples at the highest
     rate: the hardest plan of the run. Raises ``privacy.BudgetTooSmall``."""
-    from fedortho.train import client_plan
-
     smallest = data.smallest_partition(cfg, cfg.clients)
     return client_plan(cfg, smallest, PrivacyState(cfg.epsilon, cfg.delta, cfg.clip), planner)

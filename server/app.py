@@ -24,7 +24,7 @@ from fedortho.runs import RunRecorder, RunStopped, default_out, get_logger
 from fedortho.train import evaluate
 from fedortho.worker import build_model, set_threads
 from server.grid import PromptGrid
-from server.strategy import LoRAStrategy, user_mechanism
+from server.strategy import LoRAStrategy
 
 
 def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_travels: bool = False,
@@ -39,32 +39,31 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
     the run's budget, which a simulation hands to its workers.
     """
     set_threads(cfg)
-    user_mechanism(cfg, seed=None)  # an impossible user-level plan stops the run before its folder exists
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     # the clients' files were verified before the run started (fedortho simulate --resume) and are
     # verified again as each client is sampled
     checkpoint = load_checkpoint(out, verify_clients=False) if resume else None
     if checkpoint is not None:
         check_resumable(checkpoint, cfg)
+    clients = checkpoint.clients if checkpoint is not None else ClientStates(checkpoint_folder(out) / "clients")
+    # Before the run folder is written: an impossible user-level plan or a checkpoint whose
+    # strategy state does not fit stops the run here.
+    strategy = LoRAStrategy(cfg, data.splits_for(cfg).label_names, clients if state_travels else None, plans)
+    if checkpoint is not None:
+        strategy.load_state_dict(checkpoint.server)
         recorder = RunRecorder(cfg, out, resume=(checkpoint.round, float(checkpoint.run.get("seconds", 0.0))))
         recorder.resumed_after = [*checkpoint.run.get("resumed-after-rounds", []), checkpoint.round]
-        clients = checkpoint.clients
     else:
+        strategy.run_key = uuid.uuid4().hex
         recorder = RunRecorder(cfg, out, provenance=provenance(grid))
-        clients = ClientStates(checkpoint_folder(out) / "clients")
     first = 1 if checkpoint is None else checkpoint.round + 1
     print(f"fedortho: {cfg.strategy}, {cfg.clients_per_round}/{cfg.clients} clients per round, "
           f"{cfg.rounds} rounds, epsilon {cfg.epsilon:g} -> {out}"
           + (f" (resumed after round {checkpoint.round})" if checkpoint else ""), flush=True)
-    model = build_model(cfg)  # the server's copy, for evaluation and for saving the adapter
-    test = data.test_tensors(cfg)
-    strategy = LoRAStrategy(cfg, data.splits_for(cfg).label_names, clients if state_travels else None, plans)
     if strategy.user_dp:
         print(f"fedortho: {strategy.user_dp.plan.describe()}", flush=True)
-    if checkpoint is not None:
-        strategy.load_state_dict(checkpoint.server)
-    else:
-        strategy.run_key = uuid.uuid4().hex
+    model = build_model(cfg)  # the server's copy, for evaluation and for saving the adapter
+    test = data.test_tensors(cfg)
     if isinstance(grid, HttpGrid):  # deployment: Flower's own Grid would wait 3 s between looks
         grid = PromptGrid(grid)
 
