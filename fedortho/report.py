@@ -32,6 +32,7 @@ OPTIONAL_METRICS = (("zero-shot accuracy", "zero-shot-accuracy", 4), ("user epsi
 @dataclass
 class Group:
     values: dict[str, Any]
+    settings: dict[str, Any] = field(default_factory=dict)  # the run config of its cells (base + values)
     summaries: list[dict] = field(default_factory=list)
     curves: list[list[dict]] = field(default_factory=list)
 
@@ -68,20 +69,21 @@ def _failure(folder: Path) -> str:
         return "(no readable error)"
 
 
-def _read_cell(folder: Path) -> tuple[dict, dict, list[dict]]:
-    """(grid values, summary, metrics rows) of a finished cell; raises on anything damaged."""
-    values = json.loads((folder / "cell.json").read_text())["values"]
+def _read_cell(folder: Path) -> tuple[dict, dict, dict, list[dict]]:
+    """(grid values, settings, summary, metrics rows) of a finished cell; raises on anything damaged."""
+    cell = json.loads((folder / "cell.json").read_text())
+    values, settings = cell["values"], cell.get("settings", {})
     summary = json.loads((folder / RUN / "summary.json").read_text())
     for _, key, _ in METRICS:
         _number(summary[key])
     curve = [json.loads(line) for line in (folder / RUN / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    if not isinstance(values, dict) or not all(isinstance(row, dict) for row in curve):
+    if not isinstance(values, dict) or not isinstance(settings, dict) or not all(isinstance(row, dict) for row in curve):
         raise ValueError("unexpected layout")
     rounds = [row.get("round") for row in curve]
     if rounds != list(range(len(rounds))):  # e.g. two writers appended to one folder
         shown = ", ".join(map(str, rounds[:12])) + (", ..." if len(rounds) > 12 else "")
         raise ValueError(f"metrics.jsonl is not one row per round from 0 (rounds {shown})")
-    return values, summary, curve
+    return values, settings, summary, curve
 
 
 def load_cells(sweep_dir: Path) -> Cells:
@@ -100,13 +102,13 @@ def load_cells(sweep_dir: Path) -> Cells:
                 failed.append((folder.name, _failure(folder)))
             continue
         try:
-            values, summary, curve = _read_cell(folder)
+            values, settings, summary, curve = _read_cell(folder)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             unreadable.append((folder.name, f"{type(exc).__name__}: {exc}"))
             continue
         key_values = {k: v for k, v in values.items() if k != "seed"}
         key = json.dumps(key_values, sort_keys=True, default=str)
-        group = groups.setdefault(key, Group(key_values))
+        group = groups.setdefault(key, Group(key_values, {k: v for k, v in settings.items() if k != "seed"}))
         group.summaries.append(summary)
         group.curves.append(curve)
     return Cells(list(groups.values()), failed, unreadable, outside)
@@ -161,6 +163,32 @@ def _epsilon_position(eps: float, finite: list[float]) -> float:
     return max(finite, default=0.0) * 1.5 + 1.0 if math.isinf(eps) else eps
 
 
+def budget_axis(groups: list[Group], budget: str) -> tuple[dict[int, float], list[str]] | None:
+    """Where each group sits on a privacy-budget axis (``epsilon`` or ``user-epsilon``, read
+    from its run settings) and the grid keys that tell its line apart; None when the grid does
+    not vary the budget on its own. The budget is varied on its own by a grid key of that name,
+    or by a bundle key whose labels and budgets correspond one to one (``user-privacy`` =
+    ``user-eps2``, ...); a bundle that also varies other settings at one budget (two clips at
+    epsilon 6) would draw two points at one x on a line, so it gets no plot."""
+    try:
+        at = {i: _number(g.settings[budget]) for i, g in enumerate(groups)}
+    except (KeyError, TypeError, ValueError):
+        return None
+    if len(set(at.values())) < 2:
+        return None
+    keys = grid_keys(groups)
+    if budget in keys:
+        axis_keys = [budget]
+    else:
+        def one_to_one(key: str) -> bool:
+            pairs = {(value_text(g.values.get(key, "–")), at[i]) for i, g in enumerate(groups)}
+            return len(pairs) == len({v for v, _ in pairs}) == len({b for _, b in pairs})
+        axis_keys = [k for k in keys if one_to_one(k)]
+        if not axis_keys:
+            return None
+    return at, [k for k in keys if k not in axis_keys]
+
+
 def plot(groups: list[Group], out: Path) -> list[Path]:
     import matplotlib
 
@@ -168,31 +196,32 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    label_keys = [k for k in grid_keys(groups) if k != "epsilon"]
 
     def label(g: Group, keys) -> str:
         return ", ".join(f"{k}={value_text(g.values[k])}" for k in keys if k in g.values) or "all"
 
-    by_epsilon = [g for g in groups if "epsilon" in g.values]
-    if by_epsilon:
+    for budget, name in (("epsilon", "accuracy_vs_epsilon.png"), ("user-epsilon", "accuracy_vs_user_epsilon.png")):
+        axis = budget_axis(groups, budget)
+        if axis is None:
+            continue
+        at, legend_keys = axis
         fig, ax = plt.subplots(figsize=(6, 4))
-        finite = sorted({float(g.values["epsilon"]) for g in by_epsilon if math.isfinite(float(g.values["epsilon"]))})
+        finite = sorted({eps for eps in at.values() if math.isfinite(eps)})
         series: dict[str, list] = {}
-        for g in by_epsilon:
+        for i, g in enumerate(groups):
             mean, std = _mean_std([_number(s["final-accuracy"]) for s in g.summaries])
-            series.setdefault(label(g, label_keys), []).append(
-                (_epsilon_position(float(g.values["epsilon"]), finite), mean, std))
-        for name, points in series.items():
+            series.setdefault(label(g, legend_keys), []).append((_epsilon_position(at[i], finite), mean, std))
+        for line, points in series.items():
             xs, ms, ss = zip(*sorted(points))
-            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=name)
-        ticks = finite + ([_epsilon_position(math.inf, finite)] if any(
-            math.isinf(float(g.values["epsilon"])) for g in by_epsilon) else [])
-        ax.set_xticks(ticks, [f"{t:g}" for t in finite] + (["inf"] if len(ticks) > len(finite) else []))
-        ax.set_xlabel("epsilon")
+            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=line)
+        has_inf = any(math.isinf(eps) for eps in at.values())
+        ticks = finite + ([_epsilon_position(math.inf, finite)] if has_inf else [])
+        ax.set_xticks(ticks, [f"{t:g}" for t in finite] + (["inf"] if has_inf else []))
+        ax.set_xlabel(budget)
         ax.set_ylabel("final test accuracy (mean ± std over seeds)")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        paths.append(out / "accuracy_vs_epsilon.png")
+        paths.append(out / name)
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     for metric, ylabel, name in (("test-accuracy", "test accuracy", "accuracy_vs_round.png"),

@@ -263,6 +263,36 @@ def test_report_gives_the_expected_table(tmp_path):
         assert (sweep.out / name).stat().st_size > 1000
 
 
+def test_a_budget_set_by_a_bundle_gets_its_accuracy_plot_only_when_labels_and_budgets_correspond(tmp_path):
+    """A user-level sweep names its budgets by labels (user-privacy = user-eps2, ...): the plot
+    of accuracy against user epsilon reads the budget from the cells' settings, draws one line
+    per strategy, and is left out for a bundle that varies another setting at one budget."""
+    from fedortho.report import budget_axis, load_cells
+
+    inf = math.inf
+    privacy = [{"label": "u2", "user-epsilon": 2.0}, {"label": "u8", "user-epsilon": 8.0},
+               {"label": "none", "user-epsilon": inf}]
+    sweep = Sweep(name="u", out=tmp_path / "u", base={"rounds": 1, "epsilon": inf},
+                  grid={"user-privacy": privacy, "strategy": ["ffa", "fedsvd"], "seed": [0]})
+    run_sweep(sweep, run_cell=fake_cell, echo=lambda _: None)
+    groups = load_cells(sweep.out).groups
+    at, legend = budget_axis(groups, "user-epsilon")
+    assert legend == ["strategy"]
+    assert sorted(at.values()) == [2.0, 2.0, 8.0, 8.0, inf, inf]
+    assert all(at[i] == {"u2": 2.0, "u8": 8.0, "none": inf}[g.values["user-privacy"]] for i, g in enumerate(groups))
+    assert budget_axis(groups, "epsilon") is None  # one record-level budget for all
+    report(sweep.out, echo=lambda _: None)
+    assert (sweep.out / "accuracy_vs_user_epsilon.png").stat().st_size > 1000
+    assert not (sweep.out / "accuracy_vs_epsilon.png").exists()
+
+    clips = [{"label": "c2", "user-epsilon": 2.0, "update-clip": 2.0},
+             {"label": "c1", "user-epsilon": 2.0, "update-clip": 1.0}, {"label": "none", "user-epsilon": inf}]
+    mixed = Sweep(name="m", out=tmp_path / "m", base={"rounds": 1},
+                  grid={"user-privacy": clips, "strategy": ["ffa"], "seed": [0]})
+    run_sweep(mixed, run_cell=fake_cell, echo=lambda _: None)
+    assert budget_axis(load_cells(mixed.out).groups, "user-epsilon") is None
+
+
 @pytest.mark.slow
 def test_many_groups_are_plotted_in_one_panel_per_value_of_the_first_varying_key():
     from fedortho.report import Group, _panels
