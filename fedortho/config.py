@@ -55,7 +55,7 @@ class RunConfig:
     adaptive_clip: bool = field(default=False, metadata={"help": "user-level DP: move update-clip towards clip-quantile of the update norms (noisy, accounted)"})
     clip_quantile: float = field(default=0.5, metadata={"help": "adaptive-clip: the share of updates the clip should leave unclipped"})
     clip_lr: float = field(default=0.2, metadata={"help": "adaptive-clip: geometric step of the clip per round"})
-    clip_count_stddev: float = field(default=0.0, metadata={"help": "adaptive-clip: noise on the count of unclipped updates (0: the noise cohort / 20)"})
+    clip_count_stddev: float = field(default=0.0, metadata={"help": "adaptive-clip: std of the noise on the count of unclipped updates in a cohort of the noise cohort's size (0: that size / 20)"})
     noise_cohort_size: int = field(default=0, metadata={"help": "user-level DP: size the noise for cohorts of this many clients, simulating clients-per-round of them (0: off); epsilon is then for the simulated population"})
     # model
     model: str = field(default=EMBEDDED_MODEL, metadata={"help": "embedded model, Hugging Face id or local folder"})

@@ -60,6 +60,11 @@ class LoRAStrategy(FedAvg):
         self.last_clients: list[dict] = []  # one row per client that replied in the last round
         self.round_started = time.time()
         self._global: dict[str, torch.Tensor] = {}
+        if cfg.noise_cohort_size and client_states is None:
+            # Noise sized for a cohort the deployment does not have would report, for its real
+            # users, an epsilon its noise does not give them.
+            raise ConfigError(f"noise-cohort-size ({cfg.noise_cohort_size}) simulates a population and is for "
+                              "simulations only; a deployment's noise must be sized for its own cohorts (set it to 0)")
         # A simulation's noise follows its seed, to reproduce; a deployment's comes from the OS.
         self.user_dp = user_mechanism(cfg, seed=cfg.seed if client_states is not None else None)
         if self.user_dp and client_states is None:
@@ -297,7 +302,7 @@ class LoRAStrategy(FedAvg):
         expected_names = self.rule.trainable(self._global, self.cfg.train_head, server_round)
         expected = {k: self._global[k] for k in expected_names}
         accepted: list[tuple[int, dict[str, torch.Tensor], float, bool | None]] = []
-        losses, exhausted, failures = [], 0, []
+        losses, exhausted, rejected, failures = [], 0, 0, []
         self.last_clients = []
         for reply in replies:
             sent = answered(reply, self._sent)
@@ -318,6 +323,7 @@ class LoRAStrategy(FedAvg):
             try:
                 read = self._read_reply(reply, node, partition, expected, who)
             except (AggregationError, KeyError, TypeError, ValueError) as exc:
+                rejected += 1
                 failures.append(f"rejected reply of {who}: {str(exc).removeprefix(f'{who}: ')}")
                 self.held_version_at_node.pop(node, None)
                 logger.warning("%s", failures[-1])
@@ -333,6 +339,11 @@ class LoRAStrategy(FedAvg):
                 losses.append((loss, weight))
         accepted.sort(key=lambda item: item[0])  # a fixed summation order keeps runs reproducible
         succeeded = len(accepted) + exhausted
+        if self.user_dp:
+            # A rejected update (wrong shape, NaN, above the clip) may come from one user's data:
+            # stopping on it would reveal that user through whether later rounds exist, so under
+            # user-level DP it counts as a zero contribution. Clients that did not answer still count.
+            succeeded += rejected
         # a Poisson cohort may be smaller than min-clients, or empty, by design
         if succeeded < min(self.cfg.min_clients, len(self._sent) if self.user_dp else self.cfg.min_clients):
             raise RunStopped(f"round {server_round}: {succeeded} of {len(self._sent)} sampled clients succeeded, "
@@ -395,7 +406,8 @@ def user_metrics(release: userdp.Release, plan: userdp.UserPlan) -> dict:
            "user-noise-multiplier": plan.noise_multiplier, "user-sample-rate": plan.sample_rate,
            "update-clip": release.clip, "cohort": release.cohort}
     if release.unclipped_fraction is not None:
-        out["unclipped-fraction"] = release.unclipped_fraction
+        out["unclipped-fraction"] = release.unclipped_fraction  # noisy: may fall outside [0, 1]
+        out["update-noise-multiplier"] = plan.update_noise_multiplier  # the updates' share of z
     return out
 
 

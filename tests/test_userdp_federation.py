@@ -9,6 +9,9 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedortho import userdp
+from fedortho.checkpoint import ClientStates
+from fedortho.config import ConfigError
+from fedortho.runs import RunStopped
 from fedortho.lora import adapter_state
 from fedortho.worker import build_model
 from server.strategy import LoRAStrategy
@@ -16,11 +19,12 @@ from test_strategy import LocalGrid
 from test_userdp import opacus_epsilon
 
 
-def run(cfg, grid, seeded=True):
+def run(cfg, grid, seeded=True, client_states=None):
     """The strategy over ``grid``; returns it, every round's record and every round's state.
     ``seeded``: cohorts and noise from the run's seed, as in a simulation (the LocalGrid is a
-    deployment, which draws both from the OS)."""
-    strategy = LoRAStrategy(cfg)
+    deployment, which draws both from the OS). ``client_states``: run as a simulation, whose
+    clients' states travel with the messages (needed for a noise cohort)."""
+    strategy = LoRAStrategy(cfg, client_states=client_states)
     if seeded and strategy.user_dp:
         strategy.rng, strategy.user_dp.seed = np.random.default_rng(cfg.seed), cfg.seed
     records, states = [], []
@@ -155,13 +159,14 @@ def test_a_client_that_oversteps_the_clip_is_rejected_under_client_placement(tin
     assert "exceeds update-clip" in caplog.text
 
 
-def test_adaptive_clipping_with_clients_clipping_their_own_updates(tiny_cfg):
+def test_adaptive_clipping_with_clients_clipping_their_own_updates(tiny_cfg, tmp_path, monkeypatch):
     """Clients report whether they were within the clip; the server moves the clip with the
     noisy count. A noise cohort of 1,000 sizes the count's noise so that the plan is possible."""
     cfg = tiny_cfg.replace(rounds=3, epsilon=math.inf, user_epsilon=4.0, update_clip=1e-4, clip_placement="client",
                            adaptive_clip=True, noise_cohort_size=1000)
+    monkeypatch.setenv("FEDORTHO_SIMULATION", "1")  # a noise cohort is for simulations, as `fedortho simulate` sets
     grid = RecordingGrid(3)
-    strategy, records, _ = run(cfg, grid)
+    strategy, records, _ = run(cfg, grid, client_states=ClientStates(tmp_path / "states"))
     bits = [metrics["update-within-clip"] for pairs in grid.pairs.values() for _, _, metrics in pairs]
     assert bits and all(b == 0 for b in bits)  # a tiny clip: every update was above it
     clips = [r["update-clip"] for r in records]
@@ -171,10 +176,37 @@ def test_adaptive_clipping_with_clients_clipping_their_own_updates(tiny_cfg):
     assert strategy.user_dp.rounds == 3 and strategy.state_dict()["user-dp"]["privacy"]["history"]
 
 
-def test_the_mechanisms_state_resumes(tiny_cfg):
+def test_a_deployment_refuses_a_noise_cohort(tiny_cfg):
+    """Noise sized for cohorts of 1,000 on a deployment's real cohorts of 3 would report, for
+    real users, an epsilon the noise does not give: only a simulation may size it so."""
+    cfg = tiny_cfg.replace(epsilon=math.inf, user_epsilon=4.0, adaptive_clip=True, noise_cohort_size=1000)
+    with pytest.raises(ConfigError, match="noise-cohort-size .* is for simulations only"):
+        LoRAStrategy(cfg)
+
+
+def test_a_rejected_update_under_user_dp_is_a_zero_contribution_not_a_stop(tiny_cfg):
+    """Whether later rounds exist must not depend on one user's update: with min-clients equal
+    to the cohort, a rejected reply stops a run without user-level DP and not one with it."""
+    cfg = tiny_cfg.replace(rounds=2, epsilon=math.inf, user_epsilon=4.0, update_clip=0.05,
+                           clip_placement="client", clients=3, clients_per_round=3, min_clients=3)
+    _, records, _ = run(cfg, RecordingGrid(3, tamper=inflate))
+    assert [r["clients-failed"] for r in records] == [1, 1] and len(records) == 2
+    with pytest.raises(RunStopped, match="fewer than min-clients=3"):
+        run(cfg.replace(user_epsilon=math.inf, clip_placement="server"), RecordingGrid(3, tamper=nan_update))
+
+
+def nan_update(node, reply):
+    if node == 100:
+        arrays = reply.content["arrays"].to_torch_state_dict()
+        reply.content["arrays"] = ArrayRecord({k: v * math.nan for k, v in arrays.items()})
+    return reply
+
+
+def test_the_mechanisms_state_resumes(tiny_cfg, tmp_path, monkeypatch):
     cfg = tiny_cfg.replace(rounds=2, epsilon=math.inf, user_epsilon=4.0, adaptive_clip=True, noise_cohort_size=500)
-    strategy, _, _ = run(cfg, RecordingGrid(3))
-    resumed = LoRAStrategy(cfg)
+    monkeypatch.setenv("FEDORTHO_SIMULATION", "1")
+    strategy, _, _ = run(cfg, RecordingGrid(3), client_states=ClientStates(tmp_path / "states"))
+    resumed = LoRAStrategy(cfg, client_states=ClientStates(tmp_path / "resumed"))
     resumed.load_state_dict(strategy.state_dict())
     assert resumed.user_dp.clip == strategy.user_dp.clip != cfg.update_clip
     assert resumed.user_dp.epsilon == strategy.user_dp.epsilon > 0
