@@ -2,7 +2,8 @@
 
 Cells that differ only in ``seed`` form a group; each row shows mean ± std over its seeds
 (sample standard deviation; 0 for a single seed) of the final and best test accuracy, the
-epsilon spent and the wall time. Only cells of the grid the sweep last ran with are counted
+epsilon spent and the wall time, and of the optional metrics some cells recorded (from the
+summary, or from the last round that recorded them). Only cells of the grid the sweep last ran with are counted
 (older cells left in the folder are named, not mixed in); damaged cells are named with the
 reason they were left out.
 """
@@ -27,6 +28,8 @@ OPTIONAL_METRICS = (("zero-shot accuracy", "zero-shot-accuracy", 4), ("user epsi
                     ("noise multiplier", "noise-multiplier", 3),
                     ("clipped fraction", "clipped-fraction", 3), ("LoRA grad norm", "lora-grad-norm", 3),
                     ("head grad norm", "head-grad-norm", 3))
+# Read from the last round that recorded them (user-level DP moves its clip from round to round).
+LAST_ROUND_METRICS = (("user noise multiplier", "user-noise-multiplier", 3), ("last update clip", "update-clip", 3))
 
 
 @dataclass
@@ -136,11 +139,17 @@ def _optional_value(summary: dict, key: str) -> float | None:
     return None if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
 
 
+def _last_recorded(curve: list[dict], key: str) -> float | None:
+    return next((v for row in reversed(curve) if (v := _optional_value(row, key)) is not None), None)
+
+
 def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     keys = grid_keys(groups)
     optional = [m for m in OPTIONAL_METRICS
                 if any(_optional_value(s, m[1]) is not None for g in groups for s in g.summaries)]
-    header = keys + ["seeds"] + [name for name, _, _ in METRICS + tuple(optional)]
+    last_round = [m for m in LAST_ROUND_METRICS if any(_last_recorded(c, m[1]) is not None
+                                                           for g in groups for c in g.curves)]
+    header = keys + ["seeds"] + [name for name, _, _ in METRICS + tuple(optional) + tuple(last_round)]
     rows = []
     for group in groups:
         row = [value_text(group.values[k]) if k in group.values else "–" for k in keys] + [str(len(group.summaries))]
@@ -148,6 +157,9 @@ def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
             row.append(_fmt(*_mean_std([_number(s[key]) for s in group.summaries]), digits))
         for _, key, digits in optional:
             present = [v for s in group.summaries if (v := _optional_value(s, key)) is not None]
+            row.append(_fmt(*_mean_std(present), digits) if present else "–")
+        for _, key, digits in last_round:
+            present = [v for c in group.curves if (v := _last_recorded(c, key)) is not None]
             row.append(_fmt(*_mean_std(present), digits) if present else "–")
         rows.append(row)
     return header, rows

@@ -274,14 +274,26 @@ def test_a_budget_set_by_a_bundle_gets_its_accuracy_plot_only_when_labels_and_bu
                {"label": "none", "user-epsilon": inf}]
     sweep = Sweep(name="u", out=tmp_path / "u", base={"rounds": 1, "epsilon": inf},
                   grid={"user-privacy": privacy, "strategy": ["ffa", "fedsvd"], "seed": [0]})
-    run_sweep(sweep, run_cell=fake_cell, echo=lambda _: None)
+
+    def user_cell(cell, folder):  # the clip moves each round; the last round records none
+        fake_cell(cell, folder)
+        metrics = folder / "run" / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        if math.isfinite(cell.settings["user-epsilon"]):
+            rows[0]["update-clip"], rows[1]["update-clip"] = 0.1, 0.25
+            rows.append({"round": 2, "test-accuracy": 0.6})
+        metrics.write_text("\n".join(json.dumps(r) for r in rows))
+
+    run_sweep(sweep, run_cell=user_cell, echo=lambda _: None)
     groups = load_cells(sweep.out).groups
     at, legend = budget_axis(groups, "user-epsilon")
     assert legend == ["strategy"]
     assert sorted(at.values()) == [2.0, 2.0, 8.0, 8.0, inf, inf]
     assert all(at[i] == {"u2": 2.0, "u8": 8.0, "none": inf}[g.values["user-privacy"]] for i, g in enumerate(groups))
     assert budget_axis(groups, "epsilon") is None  # one record-level budget for all
-    report(sweep.out, echo=lambda _: None)
+    text = report(sweep.out, echo=lambda _: None)
+    assert text.splitlines()[0].endswith("| last update clip |")
+    assert text.count("| 0.250 ± 0.000 |") == 4 and text.count("| – |") == 2  # no clip without user DP
     assert (sweep.out / "accuracy_vs_user_epsilon.png").stat().st_size > 1000
     assert not (sweep.out / "accuracy_vs_epsilon.png").exists()
 
