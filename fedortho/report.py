@@ -201,6 +201,16 @@ def budget_axis(groups: list[Group], budget: str) -> tuple[dict[int, float], lis
     return at, [k for k in keys if k not in axis_keys]
 
 
+def _population_note(groups: list[Group], budget: str) -> str:
+    """A user-level epsilon for a simulated population (noise-cohort-size) says so on its axis."""
+    cohorts = {g.settings.get("noise-cohort-size", 0) for g in groups}
+    if budget != "user-epsilon" or cohorts == {0}:
+        return ""
+    if len(cohorts) == 1:
+        return f" (noise sized for cohorts of {cohorts.pop():g}: a simulated population)"
+    return " (some cells for a simulated population: see noise-cohort-size)"
+
+
 def plot(groups: list[Group], out: Path) -> list[Path]:
     import matplotlib
 
@@ -229,7 +239,7 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
         has_inf = any(math.isinf(eps) for eps in at.values())
         ticks = finite + ([_epsilon_position(math.inf, finite)] if has_inf else [])
         ax.set_xticks(ticks, [f"{t:g}" for t in finite] + (["inf"] if has_inf else []))
-        ax.set_xlabel(budget)
+        ax.set_xlabel(budget + _population_note(groups, budget))
         ax.set_ylabel("final test accuracy (mean ± std over seeds)")
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -267,7 +267,7 @@ def test_a_budget_set_by_a_bundle_gets_its_accuracy_plot_only_when_labels_and_bu
     """A user-level sweep names its budgets by labels (user-privacy = user-eps2, ...): the plot
     of accuracy against user epsilon reads the budget from the cells' settings, draws one line
     per strategy, and is left out for a bundle that varies another setting at one budget."""
-    from fedortho.report import budget_axis, load_cells
+    from fedortho.report import _population_note, budget_axis, load_cells
 
     inf = math.inf
     privacy = [{"label": "u2", "user-epsilon": 2.0}, {"label": "u8", "user-epsilon": 8.0},
@@ -291,6 +291,10 @@ def test_a_budget_set_by_a_bundle_gets_its_accuracy_plot_only_when_labels_and_bu
     assert sorted(at.values()) == [2.0, 2.0, 8.0, 8.0, inf, inf]
     assert all(at[i] == {"u2": 2.0, "u8": 8.0, "none": inf}[g.values["user-privacy"]] for i, g in enumerate(groups))
     assert budget_axis(groups, "epsilon") is None  # one record-level budget for all
+    assert _population_note(groups, "user-epsilon") == ""  # real clients: no note on the axis
+    for g in groups:
+        g.settings["noise-cohort-size"] = 1000
+    assert _population_note(groups, "user-epsilon") == " (noise sized for cohorts of 1000: a simulated population)"
     text = report(sweep.out, echo=lambda _: None)
     assert text.splitlines()[0].endswith("| last update clip |")
     assert text.count("| 0.250 ± 0.000 |") == 4 and text.count("| – |") == 2  # no clip without user DP
