@@ -155,11 +155,10 @@ def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
         row = [value_text(group.values[k]) if k in group.values else "–" for k in keys] + [str(len(group.summaries))]
         for _, key, digits in METRICS:
             row.append(_fmt(*_mean_std([_number(s[key]) for s in group.summaries]), digits))
-        for _, key, digits in optional:
-            present = [v for s in group.summaries if (v := _optional_value(s, key)) is not None]
-            row.append(_fmt(*_mean_std(present), digits) if present else "–")
-        for _, key, digits in last_round:
-            present = [v for c in group.curves if (v := _last_recorded(c, key)) is not None]
+        recorded = [(digits, [_optional_value(s, key) for s in group.summaries]) for _, key, digits in optional]
+        recorded += [(digits, [_last_recorded(c, key) for c in group.curves]) for _, key, digits in last_round]
+        for digits, values in recorded:
+            present = [v for v in values if v is not None]
             row.append(_fmt(*_mean_std(present), digits) if present else "–")
         rows.append(row)
     return header, rows
