@@ -226,21 +226,21 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
         if axis is None:
             continue
         at, legend_keys = axis
-        fig, ax = plt.subplots(figsize=(6, 4))
         finite = sorted({eps for eps in at.values() if math.isfinite(eps)})
         series: dict[str, list] = {}
         for i, g in enumerate(groups):
             mean, std = _mean_std([_number(s["final-accuracy"]) for s in g.summaries])
             series.setdefault(label(g, legend_keys), []).append((_epsilon_position(at[i], finite), mean, std))
-        for line, points in series.items():
+        fig, ax = plt.subplots(figsize=(6, 4) if len(series) <= MAX_LINES_PER_PANEL else (8.5, 4.5))
+        for i, (line, points) in enumerate(series.items()):
             xs, ms, ss = zip(*sorted(points))
-            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=line)
+            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=line, **_line_style(i))
         has_inf = any(math.isinf(eps) for eps in at.values())
         ticks = finite + ([_epsilon_position(math.inf, finite)] if has_inf else [])
         ax.set_xticks(ticks, [f"{t:g}" for t in finite] + (["inf"] if has_inf else []))
         ax.set_xlabel(budget + _population_note(groups, budget))
         ax.set_ylabel("final test accuracy (mean ± std over seeds)")
-        ax.legend(fontsize=8)
+        _legend(ax, len(series), fontsize=8)
         fig.tight_layout()
         paths.append(out / name)
         fig.savefig(paths[-1], dpi=100)
@@ -253,10 +253,12 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
         if metric not in ("test-accuracy", "epsilon") and not having:
             continue
         panels = _panels(groups if metric in ("test-accuracy", "epsilon") else having)
-        fig, axes = plt.subplots(1, len(panels), figsize=(6 if len(panels) == 1 else 4.2 * len(panels), 4),
-                                 sharey=True, squeeze=False)
+        most = max(len(members) for _, members, _ in panels)
+        crowded = most if most > MAX_LINES_PER_PANEL else 0
+        width = (6 if len(panels) == 1 else 4.2 * len(panels)) + (2.5 if crowded else 0)
+        fig, axes = plt.subplots(1, len(panels), figsize=(width, 4), sharey=True, squeeze=False)
         for ax, (title, members, shown) in zip(axes[0], panels):
-            for g in members:
+            for i, g in enumerate(members):
                 by_round: dict[int, list[float]] = {}
                 for curve in g.curves:
                     for row in curve:
@@ -266,13 +268,16 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
                 if by_round:
                     rounds = sorted(by_round)
                     ax.plot(rounds, [statistics.fmean(by_round[r]) for r in rounds], marker=".",
-                            label=label(g, shown))
+                            label=label(g, shown), **_line_style(i))
             if metric == "test-accuracy":
                 _baselines(ax, members)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("round")
-            if ax.lines:
+            if ax.lines and not crowded:
                 ax.legend(fontsize=7)
+        drawn = [ax for ax in axes[0] if ax.lines]
+        if crowded and drawn:  # one legend beside the panels: they share their lines' labels
+            _legend(drawn[-1], crowded, fontsize=7)
         axes[0][0].set_ylabel(ylabel)
         fig.tight_layout()
         paths.append(out / name)
@@ -282,6 +287,21 @@ def plot(groups: list[Group], out: Path) -> list[Path]:
 
 
 MAX_LINES_PER_PANEL = 6
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def _line_style(i: int) -> dict[str, str]:
+    """The i-th line's colour and dash: matplotlib's ten colours, then the same colours dashed,
+    so that an eleventh line never repeats the first's look."""
+    return {"color": f"C{i % 10}", "linestyle": LINE_STYLES[i // 10 % len(LINE_STYLES)]}
+
+
+def _legend(ax, lines: int, fontsize: int) -> None:
+    """Inside the axes for a few lines; beside them for many, where it would cover the data."""
+    if lines <= MAX_LINES_PER_PANEL:
+        ax.legend(fontsize=fontsize)
+    else:
+        ax.legend(fontsize=fontsize, loc="center left", bbox_to_anchor=(1.02, 0.5))
 
 
 def _panels(groups: list[Group]) -> list[tuple[str, list[Group], list[str]]]:

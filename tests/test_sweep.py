@@ -320,6 +320,15 @@ def test_many_groups_are_plotted_in_one_panel_per_value_of_the_first_varying_key
     assert _panels(groups[:3]) == [("", groups[:3], ["seed", "privacy", "rule"])]  # few lines: one panel
 
 
+def test_every_line_of_a_crowded_plot_has_its_own_look():
+    """Eleven optimizer runs on one axis: matplotlib's ten colours alone would draw the
+    eleventh like the first."""
+    from fedortho.report import _line_style
+
+    looks = [tuple(sorted(_line_style(i).items())) for i in range(30)]
+    assert len(set(looks)) == 30
+
+
 def test_a_cell_still_being_written_is_neither_deleted_nor_rerun(tmp_path):
     """The child of a killed sweep may still write its cell: a restarted sweep leaves that
     folder alone and says why."""
