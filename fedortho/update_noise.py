@@ -1,0 +1,178 @@
+"""What DP noise does to each optimizer's round update: the same batches with and without noise.
+
+A client round under DP-SGD feeds its optimizer ``g_t + n_t``: the mean of the batch's
+clipped per-sample gradients plus Gaussian noise of std ``sigma * clip / batch`` per
+coordinate. The optimizers differ only in what they make of that stream, so the question
+"why do they rank differently under DP" becomes: how much of each optimizer's round update
+is signal, and is its mean still the update it makes without noise?
+
+The analysis holds the model at one point (the gradients do not move with the parameters
+within the round), samples ``draws`` rounds of ``steps`` batches from a pool of clipped
+per-sample gradients, and runs each optimizer over each round twice, with and without the
+noise (same batches). Per optimizer, over the draws:
+
+- ``round-snr``: the norm of the mean noisy update over the std of one (the mean's norm from
+  two independent halves of the draws, so that the noise does not inflate it). Averaging k
+  such updates (clients, rounds) raises it by sqrt(k).
+- ``mean-vs-clean``: cosine of the mean noisy update with the mean clean one. Near 1: noise
+  only adds variance; well below 1: the noise also changes where the optimizer goes on
+  average.
+- ``mean-vs-gradient``, ``clean-vs-gradient``: cosines of the mean noisy and the mean clean
+  update with the descent direction, minus the pool's mean clipped gradient (SGD's update
+  without noise).
+
+Means are expected updates, estimated from the draws without the bias that noise gives the
+norm of a sample mean (``_expected_cosine``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from fedortho.optim import build_optimizer
+
+Tensors = dict[str, torch.Tensor]
+
+
+def clipped_per_sample_gradients(model: torch.nn.Module, dataset, names: Sequence[str], clip: float,
+                                 batch_size: int = 32) -> Tensors:
+    """Per-sample gradients of the ``names`` tensors over ``dataset``, each (n, *shape), clipped
+    as Opacus clips them: the whole per-sample gradient scaled to norm at most ``clip``."""
+    from opacus import GradSampleModule
+    from torch.utils.data import DataLoader
+
+    from fedortho.lora import set_trainable
+    from fedortho.train import _forward_loss
+
+    params = set_trainable(model, list(names))
+    model.train()  # dropout as in training
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus' notes on frozen modules and full backward hooks
+        wrapped = GradSampleModule(model)
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    try:
+        for batch in DataLoader(dataset, batch_size=batch_size):
+            for p in params:
+                p.grad, p.grad_sample = None, None
+            _forward_loss(wrapped, batch).backward()
+            for name, p in zip(names, params):
+                chunks[name].append(p.grad_sample.detach().clone())
+    finally:
+        wrapped._close()
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        model.eval()
+    grads = {name: torch.cat(parts) for name, parts in chunks.items()}
+    norms = torch.sqrt(sum(g.reshape(len(g), -1).pow(2).sum(dim=1) for g in grads.values()))
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)  # Opacus' per-sample clip factor
+    return {name: g * factor.view(-1, *([1] * (g.ndim - 1))) for name, g in grads.items()}
+
+
+def round_update(optimizer: str, lr: float, steps: Sequence[Mapping[str, torch.Tensor]]) -> Tensors:
+    """The change one fresh ``optimizer`` makes to zero-initialized tensors, fed ``steps``
+    (one gradient per tensor name per step) as their gradients."""
+    first = steps[0]
+    params = {name: torch.zeros_like(g, dtype=torch.float32, requires_grad=True) for name, g in first.items()}
+    opt = build_optimizer(optimizer, list(params.items()), lr)
+    for grads in steps:
+        for name, p in params.items():
+            p.grad = grads[name].to(torch.float32).clone()
+        opt.step()
+    return {name: p.detach().clone() for name, p in params.items()}
+
+
+def _flat(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([tensors[k].reshape(-1).double() for k in sorted(tensors)])
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    denominator = float(a.norm() * b.norm())
+    return float(a @ b) / denominator if denominator > 0 else float("nan")
+
+
+def _mean_norm(updates: torch.Tensor) -> float:
+    """Norm of the expected update, estimated without the bias the noise gives ``||mean||``:
+    the inner product of the means of two independent halves (clamped at 0)."""
+    half = len(updates) // 2
+    return math.sqrt(max(float(updates[:half].mean(dim=0) @ updates[half:2 * half].mean(dim=0)), 0.0))
+
+
+def _expected_cosine(updates: torch.Tensor, other: torch.Tensor) -> float:
+    """Cosine of the expected update with ``other``'s expected update (each a stack of
+    sampled updates): the mean's inner product is unbiased, its norms come from
+    ``_mean_norm``. A plain cosine of two sample means shrinks towards 0 with their noise."""
+    denominator = _mean_norm(updates) * _mean_norm(other)
+    return float(updates.mean(dim=0) @ other.mean(dim=0)) / denominator if denominator > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class NoiseSetting:
+    noise_multiplier: float
+    clip: float
+    batch_size: int
+    steps: int  # optimizer steps in a round
+    draws: int  # rounds sampled (even: the signal norm is taken from two halves)
+
+
+def sampled_rounds(pool: Mapping[str, torch.Tensor], setting: NoiseSetting, seed: int):
+    """``draws`` rounds, each a (clean, noisy) pair of ``steps``-long gradient streams: batch
+    means of the pool's clipped per-sample gradients, and the same plus DP noise."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(next(iter(pool.values())))
+    std = setting.noise_multiplier * setting.clip / setting.batch_size
+    for _ in range(setting.draws):
+        clean, noisy = [], []
+        for _ in range(setting.steps):
+            pick = torch.randperm(n, generator=gen)[:setting.batch_size]
+            mean = {name: g[pick].double().mean(dim=0) for name, g in pool.items()}
+            clean.append(mean)
+            noisy.append({name: m + std * torch.randn(m.shape, generator=gen, dtype=torch.float64)
+                          for name, m in mean.items()})
+        yield clean, noisy
+
+
+def compare_optimizers(pool: Mapping[str, torch.Tensor], optimizers: Mapping[str, float], setting: NoiseSetting,
+                       seed: int = 0) -> dict[str, dict[str, float]]:
+    """The module's four measures per optimizer (name -> learning rate), every optimizer fed
+    the same sampled rounds."""
+    if setting.draws < 4 or setting.draws % 2:
+        raise ValueError(f"draws must be even and at least 4, got {setting.draws}")
+    # Every update moves against the gradient: compare with the descent direction.
+    descent = -_flat({name: g.double().mean(dim=0) for name, g in pool.items()})
+    clean: dict[str, list[torch.Tensor]] = {name: [] for name in optimizers}
+    noisy: dict[str, list[torch.Tensor]] = {name: [] for name in optimizers}
+    for clean_steps, noisy_steps in sampled_rounds(pool, setting, seed):
+        for name, lr in optimizers.items():
+            clean[name].append(_flat(round_update(name, lr, clean_steps)))
+            noisy[name].append(_flat(round_update(name, lr, noisy_steps)))
+    results = {}
+    for name in optimizers:
+        updates, clean_updates = torch.stack(noisy[name]), torch.stack(clean[name])
+        spread = math.sqrt(float((updates - updates.mean(dim=0)).pow(2).sum(dim=1).mean())
+                           * setting.draws / (setting.draws - 1))
+        # ``descent`` is one fixed vector: its stack of identical copies has no noise to remove
+        fixed = descent.expand(2, -1)
+        results[name] = {
+            "round-snr": _mean_norm(updates) / spread if spread > 0 else math.inf,
+            "mean-vs-clean": _expected_cosine(updates, clean_updates),
+            "mean-vs-gradient": _expected_cosine(updates, fixed),
+            "clean-vs-gradient": _expected_cosine(clean_updates, fixed),
+        }
+    return results
+
+
+def top_direction_share(pool: Mapping[str, torch.Tensor]) -> float:
+    """Mean over the LoRA matrices of the share of the mean clipped gradient's energy (squared
+    Frobenius norm) in its top singular direction: 1 for a rank-1 signal, 1/r for a flat one."""
+    shares = []
+    for name, g in pool.items():
+        if g.ndim == 3 and "lora_" in name:
+            s = torch.linalg.svdvals(g.double().mean(dim=0))
+            shares.append(float(s[0] ** 2 / s.pow(2).sum()))
+    return sum(shares) / len(shares) if shares else float("nan")
