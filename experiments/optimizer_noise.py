@@ -7,7 +7,7 @@ gradients of client 0's examples are clipped, and each optimizer runs over the s
 rounds with and without epsilon 6's noise (multiplier 0.483). Writes a table to
 results/optimizer-noise/<point>.md and prints it.
 
-    .venv/bin/python experiments/optimizer_noise.py [--adapter DIR] [--draws 64]
+    .venv/bin/python experiments/optimizer_noise.py [--adapter DIR] [--draws 256]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ NOISE_MULTIPLIER = 0.4833984375  # epsilon 6 at this setting (every private cell
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", help="a run's adapter folder (default: the starting point)")
-    parser.add_argument("--draws", type=int, default=64, help="rounds sampled per optimizer (even)")
+    parser.add_argument("--draws", type=int, default=256, help="rounds sampled per optimizer (even)")
     parser.add_argument("--examples", type=int, default=1024, help="client 0's examples in the gradient pool")
     parser.add_argument("--name", help="the point's name in the title and file name (default: start or trained)")
     parser.add_argument("--out", default=str(HERE / "results" / "optimizer-noise"))
@@ -49,28 +49,33 @@ def main() -> None:
     dataset = data.client_dataset(cfg, 0, cfg.clients)
     subset = torch.utils.data.TensorDataset(*(t[:args.examples] for t in dataset.tensors))
     started = time.time()
+    torch.manual_seed(0)  # the LoRA dropout of the per-sample gradients
     pool = clipped_per_sample_gradients(model, subset, names, cfg.clip)
     norms = torch.sqrt(sum(g.reshape(len(g), -1).pow(2).sum(dim=1) for g in pool.values()))
     mean_norm = float(torch.sqrt(sum(g.double().mean(dim=0).pow(2).sum() for g in pool.values())))
     size = sum(g[0].numel() for g in pool.values())
-    std = NOISE_MULTIPLIER * cfg.clip / cfg.batch_size
+    def setting(multiplier: float) -> NoiseSetting:  # batches and noise as Opacus makes them for client 0
+        return NoiseSetting.as_opacus(multiplier, cfg.clip, cfg.batch_size, cfg.local_steps, args.draws, len(dataset))
+
+    divisor = setting(NOISE_MULTIPLIER).divisor
+    std = NOISE_MULTIPLIER * cfg.clip / divisor
     point = args.name or ("trained" if args.adapter else "start")
     lines = [f"# Optimizer updates under DP noise, point: {point}", "",
              f"{len(subset)} examples of client 0, {len(names)} LoRA B matrices ({size} numbers); "
              f"clipped per-sample norm: median {float(norms.median()):.2f} (clip {cfg.clip:g}); "
              f"norm of the mean clipped gradient {mean_norm:.3f}; noise per step at epsilon 6: "
-             f"norm {std * size ** 0.5:.2f} (std {std:.4f} x sqrt({size})); top singular direction's "
+             f"norm {std * size ** 0.5:.2f} (std {std:.4f} x sqrt({size}); Opacus divides by {divisor}, its "
+             f"expected batch for {len(dataset)} examples); top singular direction's "
              f"share of the mean gradient's energy, mean over matrices: {top_direction_share(pool):.2f}.", ""]
     header = ("| optimizer | noise | round SNR | rounds for SGD's signal | mean vs clean | mean vs gradient "
               "| clean vs gradient |")
     lines += [header, "|---|---|---|---|---|---|---|"]
     for multiplier in (0.0, NOISE_MULTIPLIER):
-        setting = NoiseSetting(multiplier, cfg.clip, cfg.batch_size, cfg.local_steps, args.draws)
-        results = compare_optimizers(pool, RATES, setting, seed=0)
+        results = compare_optimizers(pool, RATES, setting(multiplier), seed=0)
         for name, r in results.items():
             # averaging k updates multiplies the SNR by sqrt(k): k rounds match one of SGD's
-            rounds = (results["sgd"]["round-snr"] / r["round-snr"]) ** 2
-            lines.append(f"| {name} | {'eps 6' if multiplier else 'none'} | {r['round-snr']:.3f} | {rounds:.1f} | "
+            rounds = (results["sgd"]["round-snr"] / r["round-snr"]) ** 2 if r["round-snr"] > 0 else float("inf")
+            lines.append(f"| {name} | {'eps 6' if multiplier else 'none'} | {r['round-snr']:.3f} ± {r['round-snr-se']:.3f} | {rounds:.1f} | "
                          f"{r['mean-vs-clean']:.2f} | {r['mean-vs-gradient']:.2f} | {r['clean-vs-gradient']:.2f} |")
     lines += ["", f"({args.draws} sampled rounds of {cfg.local_steps} steps at batch {cfg.batch_size}; "
               f"{time.time() - started:.0f} s.)"]

@@ -13,7 +13,7 @@ noise (same batches). Per optimizer, over the draws:
 
 - ``round-snr``: the norm of the mean noisy update over the std of one (the mean's norm from
   two independent halves of the draws, so that the noise does not inflate it). Averaging k
-  such updates (clients, rounds) raises it by sqrt(k).
+  such updates (clients, rounds) raises it by sqrt(k). ``round-snr-se``: its standard error.
 - ``mean-vs-clean``: cosine of the mean noisy update with the mean clean one. Near 1: noise
   only adds variance; well below 1: the noise also changes where the optimizer goes on
   average.
@@ -28,6 +28,7 @@ norm of a sample mean (``_expected_cosine``).
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -42,15 +43,20 @@ Tensors = dict[str, torch.Tensor]
 def clipped_per_sample_gradients(model: torch.nn.Module, dataset, names: Sequence[str], clip: float,
                                  batch_size: int = 32) -> Tensors:
     """Per-sample gradients of the ``names`` tensors over ``dataset``, each (n, *shape), clipped
-    as Opacus clips them: the whole per-sample gradient scaled to norm at most ``clip``."""
+    as Opacus clips them: the whole per-sample gradient scaled to norm at most ``clip``.
+    Computed in training mode (dropout as in training); the model's mode and which of its
+    tensors require gradients are restored afterwards."""
     from opacus import GradSampleModule
     from torch.utils.data import DataLoader
 
     from fedortho.lora import set_trainable
     from fedortho.train import _forward_loss
 
+    was_training = model.training
+    required = [(p, p.requires_grad) for p in model.parameters()]
+    device = next(model.parameters()).device
     params = set_trainable(model, list(names))
-    model.train()  # dropout as in training
+    model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus' notes on frozen modules and full backward hooks
         wrapped = GradSampleModule(model)
@@ -59,15 +65,15 @@ def clipped_per_sample_gradients(model: torch.nn.Module, dataset, names: Sequenc
         for batch in DataLoader(dataset, batch_size=batch_size):
             for p in params:
                 p.grad, p.grad_sample = None, None
-            _forward_loss(wrapped, batch).backward()
+            _forward_loss(wrapped, batch, device).backward()
             for name, p in zip(names, params):
-                chunks[name].append(p.grad_sample.detach().clone())
+                chunks[name].append(p.grad_sample.detach().cpu().clone())
     finally:
         wrapped._close()
-        for p in params:
-            p.requires_grad_(False)
+        for p, flag in required:
             p.grad = None
-        model.eval()
+            p.requires_grad_(flag)
+        model.train(was_training)
     grads = {name: torch.cat(parts) for name, parts in chunks.items()}
     norms = torch.sqrt(sum(g.reshape(len(g), -1).pow(2).sum(dim=1) for g in grads.values()))
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)  # Opacus' per-sample clip factor
@@ -104,11 +110,31 @@ def _mean_norm(updates: torch.Tensor) -> float:
 
 
 def _expected_cosine(updates: torch.Tensor, other: torch.Tensor) -> float:
-    """Cosine of the expected update with ``other``'s expected update (each a stack of
-    sampled updates): the mean's inner product is unbiased, its norms come from
-    ``_mean_norm``. A plain cosine of two sample means shrinks towards 0 with their noise."""
+    """Cosine of the expected update with ``other``'s expected update, each a stack of
+    sampled updates, row i of both from the same draw (they may be correlated, as a noisy
+    and a clean round on the same batches are). Every inner product pairs one half of the
+    draws with the other half, so that no draw's noise meets itself: the estimate is free of
+    the bias that shrinks a plain cosine of two sample means towards 0 (or, for correlated
+    stacks, lifts it)."""
+    if len(updates) != len(other):
+        raise ValueError(f"stacks of {len(updates)} and {len(other)} updates: expected one per draw in each")
+    half = len(updates) // 2
+    first, second = slice(0, half), slice(half, 2 * half)
+    cross = 0.5 * float(updates[first].mean(dim=0) @ other[second].mean(dim=0)
+                        + updates[second].mean(dim=0) @ other[first].mean(dim=0))
     denominator = _mean_norm(updates) * _mean_norm(other)
-    return float(updates.mean(dim=0) @ other.mean(dim=0)) / denominator if denominator > 0 else float("nan")
+    return cross / denominator if denominator > 0 else float("nan")
+
+
+SNR_GROUPS = 8
+
+
+def _snr(updates: torch.Tensor) -> float:
+    """Norm of the expected update over the std of one update (the root of the trace of
+    their covariance)."""
+    draws = len(updates)
+    spread = math.sqrt(float((updates - updates.mean(dim=0)).pow(2).sum(dim=1).mean()) * draws / (draws - 1))
+    return _mean_norm(updates) / spread if spread > 0 else math.inf
 
 
 @dataclass(frozen=True)
@@ -118,19 +144,32 @@ class NoiseSetting:
     batch_size: int
     steps: int  # optimizer steps in a round
     draws: int  # rounds sampled (even: the signal norm is taken from two halves)
+    divisor: int = 0  # what the clipped sum and the noise are divided by (0: batch_size)
+
+    @classmethod
+    def as_opacus(cls, noise_multiplier: float, clip: float, batch_size: int, steps: int, draws: int,
+                  num_examples: int) -> "NoiseSetting":
+        """Opacus' Poisson loader divides by its expected batch size, int(n / len(loader)),
+        which is below ``batch_size`` when the last batch is short (5,123 examples in
+        batches of 16: 15); the batches drawn hold the expected count, rounded."""
+        batches = math.ceil(num_examples / batch_size)
+        return cls(noise_multiplier, clip, round(num_examples / batches), steps, draws,
+                   int(num_examples / batches))
 
 
 def sampled_rounds(pool: Mapping[str, torch.Tensor], setting: NoiseSetting, seed: int):
-    """``draws`` rounds, each a (clean, noisy) pair of ``steps``-long gradient streams: batch
-    means of the pool's clipped per-sample gradients, and the same plus DP noise."""
+    """``draws`` rounds, each a (clean, noisy) pair of ``steps``-long gradient streams: batches'
+    sums of the pool's clipped per-sample gradients over the divisor, and the same plus DP
+    noise of std ``noise_multiplier * clip / divisor``."""
     gen = torch.Generator().manual_seed(seed)
     n = len(next(iter(pool.values())))
-    std = setting.noise_multiplier * setting.clip / setting.batch_size
+    divisor = setting.divisor or setting.batch_size
+    std = setting.noise_multiplier * setting.clip / divisor
     for _ in range(setting.draws):
         clean, noisy = [], []
         for _ in range(setting.steps):
             pick = torch.randperm(n, generator=gen)[:setting.batch_size]
-            mean = {name: g[pick].double().mean(dim=0) for name, g in pool.items()}
+            mean = {name: g[pick].double().sum(dim=0) / divisor for name, g in pool.items()}
             clean.append(mean)
             noisy.append({name: m + std * torch.randn(m.shape, generator=gen, dtype=torch.float64)
                           for name, m in mean.items()})
@@ -154,12 +193,13 @@ def compare_optimizers(pool: Mapping[str, torch.Tensor], optimizers: Mapping[str
     results = {}
     for name in optimizers:
         updates, clean_updates = torch.stack(noisy[name]), torch.stack(clean[name])
-        spread = math.sqrt(float((updates - updates.mean(dim=0)).pow(2).sum(dim=1).mean())
-                           * setting.draws / (setting.draws - 1))
-        # ``descent`` is one fixed vector: its stack of identical copies has no noise to remove
-        fixed = descent.expand(2, -1)
+        groups = [_snr(part) for part in updates.chunk(SNR_GROUPS)] if setting.draws >= 4 * SNR_GROUPS else []
+        # ``descent`` is one fixed vector: a stack of copies of it has no noise to remove
+        fixed = descent.expand(setting.draws, -1)
         results[name] = {
-            "round-snr": _mean_norm(updates) / spread if spread > 0 else math.inf,
+            "round-snr": _snr(updates),
+            # from the spread of the SNRs of SNR_GROUPS disjoint groups of draws (nan: too few)
+            "round-snr-se": statistics.stdev(groups) / math.sqrt(len(groups)) if groups else math.nan,
             "mean-vs-clean": _expected_cosine(updates, clean_updates),
             "mean-vs-gradient": _expected_cosine(updates, fixed),
             "clean-vs-gradient": _expected_cosine(clean_updates, fixed),

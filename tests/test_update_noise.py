@@ -9,11 +9,12 @@ import torch
 
 from dp_reference import clipped_gradient_sum, training_setup
 from fedortho.update_noise import (NoiseSetting, _expected_cosine, _mean_norm, clipped_per_sample_gradients,
-                                   compare_optimizers, round_update, top_direction_share)
+                                   compare_optimizers, round_update, sampled_rounds, top_direction_share)
 
 
 def test_clipped_per_sample_gradients_sum_to_the_one_at_a_time_reference(tiny_cfg):
     model, dataset, names, params, batch = training_setup(tiny_cfg, batch_size=12)
+    model.eval()  # the caller's state, restored afterwards
     norms = []
     for i in range(len(batch[0])):
         sums, _ = clipped_gradient_sum(model, params, [t[i:i + 1] for t in batch], clip=1e9)  # unclipped
@@ -28,7 +29,8 @@ def test_clipped_per_sample_gradients_sum_to_the_one_at_a_time_reference(tiny_cf
         assert torch.allclose(pool[name].double().sum(dim=0), want, rtol=1e-4, atol=1e-7)
     whole = torch.sqrt(sum(g.reshape(12, -1).double().pow(2).sum(dim=1) for g in pool.values()))
     assert float(whole.max()) <= clip * (1 + 1e-5)
-    assert all(not p.requires_grad for p in params)  # the model is left as it was found
+    assert all(p.requires_grad for p in params) and not model.training  # left as it was found
+    assert all(p.grad is None for p in params)
 
 
 def test_an_sgd_round_is_minus_the_rate_times_the_summed_gradients():
@@ -56,6 +58,11 @@ def test_expected_update_estimates_remove_the_noise_bias():
     assert _expected_cosine(xs, ys) == pytest.approx(0.6, abs=0.1)
     plain = float(torch.nn.functional.cosine_similarity(xs.mean(0), ys.mean(0), dim=0))
     assert plain < 0.4
+    # Correlated stacks, as a noisy and a clean round on the same batches: sharing a draw's
+    # noise must not lift the estimate. A stack against itself has cosine 1.
+    assert _expected_cosine(xs, xs) == pytest.approx(1.0, abs=0.1)
+    shared = xs + 0.5 * noise * torch.randn(draws, dim, generator=gen, dtype=torch.float64)
+    assert _expected_cosine(xs, shared) == pytest.approx(1.0, abs=0.1)
 
 
 def test_sgd_round_snr_matches_its_closed_form():
@@ -74,7 +81,9 @@ def test_sgd_round_snr_matches_its_closed_form():
     setting = NoiseSetting(noise_multiplier=1.0, clip=4.0, batch_size=8, steps=10, draws=64)
     std, size = 1.0 * 4.0 / 8, 64 * 8 + 32 * 8
     result = compare_optimizers(pool, {"sgd": 0.1, "muon": 0.02}, setting, seed=0)
-    assert result["sgd"]["round-snr"] == pytest.approx(math.sqrt(10) / (std * math.sqrt(size)), rel=0.15)
+    expected = math.sqrt(10) / (std * math.sqrt(size))
+    assert result["sgd"]["round-snr"] == pytest.approx(expected, rel=0.15)
+    assert 0 < abs(result["sgd"]["round-snr"] - expected) < 3 * result["sgd"]["round-snr-se"]  # an honest error bar
     assert result["sgd"]["clean-vs-gradient"] == pytest.approx(1.0, abs=1e-9)
     assert result["sgd"]["mean-vs-gradient"] == pytest.approx(1.0, abs=0.1)
     # Muon's noise-free round orthogonalizes G: not the gradient's direction
@@ -91,3 +100,20 @@ def test_top_direction_share_of_rank_one_and_flat_gradients():
     assert top_direction_share(rank_one) == pytest.approx(1.0)
     flat = {"x.lora_B.weight": torch.eye(10)[:, :4].expand(3, 10, 4).clone()}
     assert top_direction_share(flat) == pytest.approx(0.25)
+
+
+def test_rounds_divide_as_opacus_divides():
+    """Opacus' Poisson loader divides the clipped sum, and scales the noise, by its expected
+    batch size int(n / len(loader)): 15 for 5,123 examples in batches of 16."""
+    setting = NoiseSetting.as_opacus(0.5, 2.0, 16, steps=1, draws=2, num_examples=5123)
+    assert (setting.batch_size, setting.divisor) == (16, 15)
+    assert NoiseSetting.as_opacus(0.5, 2.0, 16, 1, 2, num_examples=160).divisor == 16
+    pool = {"x.lora_B.weight": torch.ones(40, 3, 2)}
+    (clean, noisy), _ = list(sampled_rounds(pool, setting, seed=0))
+    assert torch.allclose(clean[0]["x.lora_B.weight"], torch.full((3, 2), 16 / 15, dtype=torch.float64))
+    noise = noisy[0]["x.lora_B.weight"] - clean[0]["x.lora_B.weight"]
+    big = NoiseSetting(0.5, 2.0, 16, steps=400, draws=2, divisor=15)
+    draws = torch.stack([n["x.lora_B.weight"] - c["x.lora_B.weight"]
+                         for c, n in zip(*next(iter(sampled_rounds(pool, big, seed=1))))])
+    assert float(draws.std()) == pytest.approx(0.5 * 2.0 / 15, rel=0.05)  # 2,400 numbers
+    assert noise.abs().max() > 0
