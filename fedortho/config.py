@@ -81,8 +81,8 @@ class RunConfig:
     max_train_examples: int = field(default=0, metadata={"help": "cap on training examples (0: all)"})
     max_test_examples: int = field(default=0, metadata={"help": "cap on test examples (0: all)"})
     # run
-    seed: int = field(default=0, metadata={"help": "seed for data split, init, sampling and noise"})
-    out: str = field(default="", metadata={"help": "run folder (default runs/<time>-<strategy>)"})
+    seed: int = field(default=0, metadata={"help": "seed for partitions, init, client sampling, batches and noise (the train/test split is fixed)"})
+    out: str = field(default="", metadata={"help": "run folder, new or empty (default runs/<time>-<strategy>-eps<e>-seed<s>)"})
     num_threads: int = field(default=0, metadata={"help": "torch threads per process (0: torch's default)"})
     eval_precision: str = field(default="bfloat16", metadata={"help": "server evaluation: bfloat16 (autocast, ~2x faster on CPU) | float32"})
     eval_every: int = field(default=1, metadata={"help": "evaluate every N rounds (round 0 and the last always)"})

@@ -155,7 +155,16 @@ def test_the_app_configs_defaults_are_the_run_configs():
 
     from fedortho.config import RunConfig
 
+    from flwr.common.config import flatten_dict, fuse_dicts
+
     app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     defaults = RunConfig().to_dict(hyphenated=True)
-    assert {k: v for k, v in app.items()} == {k: defaults[k] for k in app}
-    assert {"user-epsilon", "update-clip", "clip-placement", "adaptive-clip", "noise-cohort-size"} <= set(app)
+    app_only = {"resume": ""}  # read by the ServerApp itself
+    assert app == {**defaults, **app_only}  # every setting, with the same default
+    # The SuperLink refuses a run whose --run-config names a key the table lacks: each
+    # setting, and resume, must pass Flower's own check.
+    overrides = {"resume": "/abs/run", "min-clients": 2, "fail-rate": 0.1, "user-epsilon": 2.0}
+    fused = fuse_dicts(flatten_dict(app), overrides, check_keys=True)
+    assert fused["resume"] == "/abs/run" and fused["min-clients"] == 2
+    with pytest.raises(Exception, match="not present"):
+        fuse_dicts(flatten_dict(app), {"no-such-setting": 1}, check_keys=True)

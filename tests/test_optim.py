@@ -199,6 +199,9 @@ def test_fitted_root_coefficients_bring_lora_singular_values_closer_to_one():
         assert root_fit.criterion(coeffs, fresh) < root_fit.criterion(NS_COEFFS, fresh) / 20
         mapped = root_fit.after_steps(coeffs, grid)
         assert mapped.max() < 1.25 and mapped[grid > 0.05].min() > 0.9
+        low, high = root_fit.spread_after(coeffs, fresh)  # what `python -m ...root_fit` prints
+        muon_low, muon_high = root_fit.spread_after(NS_COEFFS, fresh)
+        assert 0.95 < low and high < 1.05 and muon_low < 0.75 and muon_high > 1.1
     assert root_fit.fit((8, 384)) == pytest.approx(ROOT_COEFFS[(8, 384)], abs=2e-4)
     with pytest.raises(ValueError, match="orthogonalize"):
         AuON([torch.nn.Parameter(torch.zeros(4, 4))], orthogonalize="exact")

@@ -69,13 +69,23 @@ def fit(shape: tuple[int, int], seed: int = 0) -> tuple[float, float, float]:
     return tuple(round(float(x), 4) for x in result.x)
 
 
+def spread_after(coeffs, s: np.ndarray, above: float = 0.05) -> tuple[float, float]:
+    """(lowest, highest) value the steps take the singular values above ``above`` to: how
+    far from orthogonal the result is (values near 0 are noise the steps need not lift)."""
+    out = after_steps(coeffs, s[s > above])
+    return float(out.min()), float(out.max())
+
+
 def main() -> None:
-    print("shape        a        b        c     criterion: fitted / Muon's")
+    print("shape        a        b        c     criterion: fitted / Muon's   "
+          "singular values above 0.05 after the steps: fitted / Muon's")
     for shape in FITTED_SHAPES:
         coeffs = fit(shape)
-        s = singular_values(shape, seed=1)
+        s = singular_values(shape, seed=1)  # other matrices than the fit's
+        (lo, hi), (muon_lo, muon_hi) = spread_after(coeffs, s), spread_after(NS_COEFFS, s)
         print(f"{str(shape):10s} {coeffs[0]:8.4f} {coeffs[1]:8.4f} {coeffs[2]:8.4f}     "
-              f"{criterion(coeffs, s):.5f} / {criterion(NS_COEFFS, s):.5f}")
+              f"{criterion(coeffs, s):.5f} / {criterion(NS_COEFFS, s):.5f}     "
+              f"[{lo:.2f}, {hi:.2f}] / [{muon_lo:.2f}, {muon_hi:.2f}]")
 
 
 if __name__ == "__main__":
