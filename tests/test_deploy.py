@@ -225,6 +225,14 @@ def test_private_fedsvd_survives_a_supernode_restart(deployment):
             assert in_ledger == by_server and ledger["epsilon-spent"] == pytest.approx(seen[-1]["epsilon"], abs=1e-9)
     assert len([r for r in privacy if r["partition"] == 1]) == 3
 
+    # `--run-config 'resume="<run folder>"'` reaches the ServerApp (the SuperLink refuses keys
+    # its app config lacks), which checks the checkpoint: this run has nothing left to do.
+    proc = d.sh(BIN / "flwr", "run", REPO, "loopback", "--stream", "--run-config",
+                run_settings(d, out, resume=f'"{out}"'), check=False, timeout=180)
+    output = proc.stdout + proc.stderr
+    assert "fedortho: ERROR: the run has already finished all 3 rounds" in output, output[-3000:]
+    assert [json.loads(line)["round"] for line in metrics.read_text().splitlines()] == [0, 1, 2, 3]  # untouched
+
 
 def test_the_app_bundle_holds_code_only():
     """What `flwr run` ships to every node: the packages' Python files and pyproject.toml;
