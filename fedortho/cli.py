@@ -14,6 +14,7 @@ import torch
 from fedortho.checkpoint import CheckpointError
 from fedortho.config import ConfigError, RunConfig
 from fedortho.data import DataError
+from fedortho.guardian import TOKEN_ENV
 from fedortho.models import ModelLoadError
 from fedortho.nodeworker import NodeWorkerError
 from fedortho.runs import RunStopped
@@ -158,9 +159,13 @@ def _stop_cleanly_on_signals() -> None:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
         try:
-            import ray
+            # A guarded run exits at once and its guardian ends Ray's processes: a ray.shutdown()
+            # here races Ray's own threads, which end the process with status 1 when they see
+            # the raylet go first.
+            if TOKEN_ENV not in os.environ:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
         finally:
             os._exit(130)
 
