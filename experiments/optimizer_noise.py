@@ -36,7 +36,8 @@ def main() -> None:
     from fedortho import data, rules, worker
     from fedortho.config import RunConfig
     from fedortho.lora import adapter_state, load_adapter_state
-    from fedortho.update_noise import NoiseSetting, clipped_per_sample_gradients, compare_optimizers, top_direction_share
+    from fedortho.update_noise import (NoiseSetting, clipped_per_sample_gradients, compare_optimizers,
+                                       per_sample_norms, top_direction_share)
 
     sweep = tomllib.loads((HERE / "optimizers-regime.toml").read_text())
     cfg = RunConfig.from_mapping({**sweep["base"], "seed": 0, "epsilon": 6.0})
@@ -51,7 +52,7 @@ def main() -> None:
     started = time.time()
     torch.manual_seed(0)  # the LoRA dropout of the per-sample gradients
     pool = clipped_per_sample_gradients(model, subset, names, cfg.clip)
-    norms = torch.sqrt(sum(g.reshape(len(g), -1).pow(2).sum(dim=1) for g in pool.values()))
+    norms = per_sample_norms(pool)
     mean_norm = float(torch.sqrt(sum(g.double().mean(dim=0).pow(2).sum() for g in pool.values())))
     size = sum(g[0].numel() for g in pool.values())
     def setting(multiplier: float) -> NoiseSetting:  # batches and noise as Opacus makes them for client 0

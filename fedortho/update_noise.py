@@ -35,6 +35,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from fedortho.diagnostics import squared_norms
 from fedortho.optim import build_optimizer
 
 Tensors = dict[str, torch.Tensor]
@@ -75,9 +76,14 @@ def clipped_per_sample_gradients(model: torch.nn.Module, dataset, names: Sequenc
             p.requires_grad_(flag)
         model.train(was_training)
     grads = {name: torch.cat(parts) for name, parts in chunks.items()}
-    norms = torch.sqrt(sum(g.reshape(len(g), -1).pow(2).sum(dim=1) for g in grads.values()))
-    factor = (clip / (norms + 1e-6)).clamp(max=1.0)  # Opacus' per-sample clip factor
-    return {name: g * factor.view(-1, *([1] * (g.ndim - 1))) for name, g in grads.items()}
+    factor = (clip / (per_sample_norms(grads) + 1e-6)).clamp(max=1.0)  # Opacus' per-sample clip factor
+    return {name: g * factor.to(g.dtype).view(-1, *([1] * (g.ndim - 1))) for name, g in grads.items()}
+
+
+def per_sample_norms(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Each sample's whole gradient norm over all ``grads`` (name -> (n, *shape)), in float64."""
+    lora, head = squared_norms(grads)
+    return (lora + head).sqrt()
 
 
 def round_update(optimizer: str, lr: float, steps: Sequence[Mapping[str, torch.Tensor]]) -> Tensors:
@@ -95,11 +101,6 @@ def round_update(optimizer: str, lr: float, steps: Sequence[Mapping[str, torch.T
 
 def _flat(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([tensors[k].reshape(-1).double() for k in sorted(tensors)])
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    denominator = float(a.norm() * b.norm())
-    return float(a @ b) / denominator if denominator > 0 else float("nan")
 
 
 def _mean_norm(updates: torch.Tensor) -> float:
