@@ -60,11 +60,11 @@ def preflight(cfg: RunConfig, resuming: bool = False) -> list:
         label_texts(cfg, splits.label_names)
     plans = []
     if cfg.private:
-        from fedortho.privacy import BudgetTooSmall, NoisePlanner
-        from fedortho.worker import plan_smallest_client
+        from fedortho.privacy import BudgetTooSmall
+        from fedortho.worker import PLANNER, plan_smallest_client
 
-        try:
-            plans.append(plan_smallest_client(cfg, NoisePlanner()))
+        try:  # the process's planner: a cell host plans each budget once for all its cells
+            plans.append(plan_smallest_client(cfg, PLANNER))
         except BudgetTooSmall as exc:
             raise ConfigError(str(exc)) from None
     if cfg.user_private:
@@ -173,7 +173,9 @@ def _stop_cleanly_on_signals() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, warm: bool = False) -> int:
+    """The command line; returns the exit status. ``warm``: a sweep's cell host runs a cell
+    (``simulate``) and goes on to the next, where a command-line run ends its process."""
     parser = argparse.ArgumentParser(prog="fedortho", description="Private federated fine-tuning with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a Flower simulation (default: private FedSVD on the embedded model)")
@@ -200,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
     sw.add_argument("--parallel", type=int, default=1, help="cells run at once (default: 1)")
     sw.add_argument("--out", default=None, help="results folder (default: the file's [sweep] out)")
+    sw.add_argument("--ray-address", default=None,
+                    help="run the cells' clients on this Ray cluster (e.g. HEAD_IP:6379; see README, 'A Ray "
+                         "cluster'); results are written on this machine")
+    sw.add_argument("--cold", action="store_true",
+                    help="run every cell in a fresh process (default: cell hosts that keep their imports, Ray "
+                         "and workers from cell to cell; the results are the same)")
     ex = sub.add_parser("export-partition", help="write one client's training examples to a folder a SuperNode "
                                                  "reads with data-path=<folder>")
     ex.add_argument("--partition-id", type=int, required=True, help="the client's partition")
@@ -210,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                                              "per-message ClientApp processes (see deploy/README.md)")
     nw.add_argument("--socket", required=True, help="Unix socket to serve; the node config names it as "
                                                     "worker-socket=<path>")
+    host = sub.add_parser("cell-host", help="(used by `fedortho sweep`) run the cells it is sent, one after "
+                                            "another, in one process with Ray and the workers kept running")
+    host.add_argument("--hosts", type=int, default=1, help="cell hosts sharing the Ray cluster")
+    host.add_argument("--ray-address", default=None)
     rp = sub.add_parser("report", help="results table (Markdown, CSV) and plots of a sweep folder")
     rp.add_argument("folder", help="a sweep's results folder")
     args = parser.parse_args(argv)
@@ -241,24 +253,13 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in RunConfig().to_dict(hyphenated=True).items():
                 print(f"{key} = {_toml(value)}")
             return 0
-        if args.nodes < 0:
-            raise ConfigError(f"--nodes must be >= 1 (0: clients-per-round), got {args.nodes}")
-        if not args.client_cpus > 0:
-            raise ConfigError(f"--client-cpus must be > 0, got {args.client_cpus:g}")
-        if not args.client_gpus >= 0:
-            raise ConfigError(f"--client-gpus must be >= 0, got {args.client_gpus:g}")
-        resuming = bool(args.resume)
-        cfg = resume_config(args.resume, args) if resuming else _config_from_args(args)
-        plans = preflight(cfg, resuming)
-        from server.simulation import simulate  # the Flower side launches the apps
+        if args.command == "cell-host":
+            from server.cellhost import serve_cells
 
-        from fedortho.guardian import guard_this_process
-
-        guard_this_process()  # Ray's processes end with this one, even if it is killed with SIGKILL
-        _stop_cleanly_on_signals()
-        simulate(cfg, args.client_cpus, args.ray_address, args.verbose, resume=resuming,
-                 on_ray_started=_stop_cleanly_on_signals, nodes=args.nodes, client_gpus=args.client_gpus,
-                 plans=plans)
+            return serve_cells(args.hosts, args.ray_address)
+        _simulate(args, warm)
+        if warm:
+            return 0
         _exit_now(0)
     except (ConfigError, DataError, ModelLoadError, FileNotFoundError, NodeWorkerError, CheckpointError) as exc:
         print(f"fedortho: error: {exc}", file=sys.stderr)
@@ -271,9 +272,33 @@ def main(argv: list[str] | None = None) -> int:
         what = "the simulation stopped: " if args.command == "simulate" else ""
         kind = "" if isinstance(cause, RunStopped) else f"{type(cause).__name__}: "
         print(f"fedortho: error: {what}{kind}{cause}", file=sys.stderr)
-        if args.command == "simulate":
+        if args.command == "simulate" and not warm:
             _exit_now(1)
         return 1
+
+
+def _simulate(args: argparse.Namespace, warm: bool) -> None:
+    """``fedortho simulate``: check the settings, then run the simulation. ``warm``: in a
+    sweep's cell host, whose Ray, workers and guardian outlive the run (``server.cellhost``)."""
+    if args.nodes < 0:
+        raise ConfigError(f"--nodes must be >= 1 (0: clients-per-round), got {args.nodes}")
+    if not args.client_cpus > 0:
+        raise ConfigError(f"--client-cpus must be > 0, got {args.client_cpus:g}")
+    if not args.client_gpus >= 0:
+        raise ConfigError(f"--client-gpus must be >= 0, got {args.client_gpus:g}")
+    resuming = bool(args.resume)
+    cfg = resume_config(args.resume, args) if resuming else _config_from_args(args)
+    plans = preflight(cfg, resuming)
+    from server.simulation import simulate  # the Flower side launches the apps
+
+    from fedortho.guardian import guard_this_process
+
+    if not warm:
+        guard_this_process()  # Ray's processes end with this one, even if it is killed with SIGKILL
+    _stop_cleanly_on_signals()
+    simulate(cfg, args.client_cpus, args.ray_address, args.verbose, resume=resuming,
+             on_ray_started=_stop_cleanly_on_signals, nodes=args.nodes, client_gpus=args.client_gpus,
+             plans=plans, warm=warm)
 
 
 def _exit_now(code: int) -> None:
@@ -305,7 +330,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)  # like Ctrl-C: the running cells are ended first
     try:
-        counts = run_sweep(sweep, parallel=args.parallel)
+        counts = run_sweep(sweep, parallel=args.parallel, warm=not args.cold, ray_address=args.ray_address)
     except KeyboardInterrupt:
         print(f"fedortho: sweep interrupted; finished cells are kept in {sweep.out}, interrupted ones continue "
               "from their checkpoint when the sweep runs again", file=sys.stderr, flush=True)

@@ -16,14 +16,17 @@ of the report; the key itself is only a name.
     rule = [{label = "ffa", strategy = "ffa"},
             {label = "ffa-orthonormal-a", strategy = "ffa", init-a = "orthonormal"}]
 
-Each cell runs ``fedortho simulate`` (the same code path) in its own process and folder
-``<out>/<cell>/``. A cell is finished when its ``status.json`` says ``done``: finished cells
+Each cell runs ``fedortho simulate`` (the same code path) in its own folder ``<out>/<cell>/``,
+by default in a long-lived cell host (``WarmCells``) that keeps its imports, Ray and its
+workers with their models from cell to cell, with the same results as a cell in a fresh
+process of its own (``ColdCells``, ``fedortho sweep --cold``). With ``--ray-address`` the
+cells' clients run on that Ray cluster, ``--parallel`` cells at once, results on this machine. A cell is finished when its ``status.json`` says ``done``: finished cells
 are never rerun or overwritten, and a sweep file whose settings no longer match a finished
 cell is refused rather than mixed with it. A cell interrupted in flight left no ``done``
 status: the next ``fedortho sweep`` continues it from its last checkpointed round (or, without
 one, runs it again from scratch). A failing cell records its error and the others go on (it
-is retried on the next call). Each cell's process leads its own process group, which ends
-with the sweep, also when the sweep is killed.
+is retried on the next call). Each cell's process (or cell host) leads its own process group,
+which ends with the sweep, also when the sweep is killed.
 """
 
 from __future__ import annotations
@@ -226,41 +229,144 @@ _CHILDREN_LOCK = threading.Lock()
 STOP_GRACE_SECONDS = 30
 
 
-def simulate_cell(cell: Cell, folder: Path) -> None:
-    """Run one cell through ``fedortho simulate`` in a fresh process; raise on failure.
+# A launcher runs one ``fedortho simulate`` command line for a cell, its output appended to
+# the cell's log.txt, and returns its exit status.
+Launcher = Callable[[list[str], Path], int]
+
+
+def simulate_cell(cell: Cell, folder: Path, launch: Launcher | None = None) -> None:
+    """Run one cell through ``fedortho simulate``; raise on failure. ``launch``: how (default:
+    a fresh process, ``ColdCells.launch``).
 
     A cell whose run was interrupted after a checkpoint is continued (``--resume``); if its
-    checkpoint cannot be resumed, the cell starts over. The process leads its own process
-    group (Ray's processes join it) and gets SIGTERM if the sweep dies, even by SIGKILL.
+    checkpoint cannot be resumed, the cell starts over.
     """
+    launch = launch or ColdCells().launch
     run = folder / RUN
     if _has_checkpoint(run):
-        code = _run_cli(["simulate", "--resume", str(run)], folder, append=True)
+        code = launch(["simulate", "--resume", str(run)], folder)
         if code != 2:  # 2: refused before anything ran (a damaged or foreign checkpoint)
             return _raise_on_failure(code, folder)
         _clear(folder, cell)
     args = ["simulate", "--out", str(run)]
     for key, value in cell.settings.items():
         args += [f"--{key.replace('_', '-')}", _cli_value(value)]
-    _raise_on_failure(_run_cli(args, folder, append=False), folder)
+    (folder / "log.txt").write_text("")  # a fresh run: its own log
+    _raise_on_failure(launch(args, folder), folder)
 
 
 def _has_checkpoint(run: Path) -> bool:
     return (run / "checkpoint" / "checkpoint.json").is_file()
 
 
-def _run_cli(args: list[str], folder: Path, append: bool) -> int:
-    with open(folder / "log.txt", "a" if append else "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "fedortho.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=functools.partial(die_with_parent, os.getpid()))
+# Set in every cell's environment: evaluations of an untrained model (round 0, the zero-shot
+# head) are kept there and shared by the sweep's cells (fedortho.evalcache).
+def _cell_environment(sweep_out: Path) -> dict[str, str]:
+    from fedortho.evalcache import CACHE_ENV
+
+    return {**os.environ, CACHE_ENV: str(sweep_out.resolve() / EVAL_CACHE)}
+
+
+EVAL_CACHE = ".eval-cache"
+
+
+class ColdCells:
+    """Each cell in a fresh ``fedortho simulate`` process, which leads its own process group
+    (Ray's processes join it) and gets SIGTERM if the sweep dies, even by SIGKILL."""
+
+    def __init__(self, sweep_out: Path | None = None, ray_address: str | None = None) -> None:
+        self.env = _cell_environment(sweep_out) if sweep_out is not None else None
+        self.extra = ["--ray-address", ray_address] if ray_address else []
+
+    def __call__(self, cell: Cell, folder: Path) -> None:
+        simulate_cell(cell, folder, self.launch)
+
+    def launch(self, args: list[str], folder: Path) -> int:
+        with open(folder / "log.txt", "a") as log:
+            proc = _start([sys.executable, "-m", "fedortho.cli", *args, *self.extra], stdout=log,
+                          stderr=subprocess.STDOUT, env=self.env)
+        try:
+            return proc.wait()
+        finally:
+            _forget(proc)
+
+    def close(self) -> None:
+        pass
+
+
+class WarmCells:
+    """Cells run by long-lived cell hosts (``fedortho cell-host``, ``server.cellhost``): one per
+    cell running at once, each keeping its imports, its Ray session and its workers (with
+    their models and data) from cell to cell. A host whose cell failed is replaced, so a
+    failure leaves nothing behind for the next cell."""
+
+    def __init__(self, sweep_out: Path, hosts: int = 1, ray_address: str | None = None) -> None:
+        self.env = _cell_environment(sweep_out)
+        self.command = [sys.executable, "-m", "fedortho.cli", "cell-host", "--hosts", str(max(1, hosts)),
+                        *(["--ray-address", ray_address] if ray_address else [])]
+        self.host_log = sweep_out / "cell-hosts.log"  # what a host says outside its cells
+        self.idle: list[subprocess.Popen] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, cell: Cell, folder: Path) -> None:
+        simulate_cell(cell, folder, self.launch)
+
+    def launch(self, args: list[str], folder: Path) -> int:
+        with self.lock:
+            host = self.idle.pop() if self.idle else None
+        if host is None:
+            with open(self.host_log, "a") as log:
+                host = _start(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                              env=self.env, text=True)
+        code = None
+        try:
+            host.stdin.write(json.dumps({"argv": args, "log": str((folder / "log.txt").resolve())}) + "\n")
+            host.stdin.flush()
+            reply = host.stdout.readline()
+            code = json.loads(reply)["code"] if reply else host.wait()  # no reply: the host died
+        except (OSError, ValueError):
+            code = host.poll() if host.poll() is not None else 1
+        finally:
+            if code == 0:
+                with self.lock:
+                    self.idle.append(host)
+            else:
+                _end_host(host)
+        if code != 0 and not (folder / "log.txt").read_text().strip():
+            with open(folder / "log.txt", "a") as log:
+                log.write(f"fedortho: error: the cell host ended with status {code}; see {self.host_log}\n")
+        return code
+
+    def close(self) -> None:
+        with self.lock:
+            hosts, self.idle = self.idle, []
+        for host in hosts:
+            _end_host(host)
+
+
+def _start(command: list[str], **popen) -> subprocess.Popen:
+    """A child process in its own process group, which gets SIGTERM if the sweep dies."""
+    proc = subprocess.Popen(command, start_new_session=True,
+                            preexec_fn=functools.partial(die_with_parent, os.getpid()), **popen)
     with _CHILDREN_LOCK:
         _CHILDREN.add(proc)
+    return proc
+
+
+def _forget(proc: subprocess.Popen) -> None:
+    with _CHILDREN_LOCK:
+        _CHILDREN.discard(proc)
+    _kill_group(proc.pid)  # whatever the process left behind in its group
+
+
+def _end_host(host: subprocess.Popen) -> None:
+    """End of input ends a host; its guardian then ends its Ray processes."""
     try:
-        return proc.wait()
-    finally:
-        with _CHILDREN_LOCK:
-            _CHILDREN.discard(proc)
-        _kill_group(proc.pid)  # whatever the cell left behind in its group
+        host.stdin.close()
+        host.wait(timeout=STOP_GRACE_SECONDS)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    _forget(host)
 
 
 def _raise_on_failure(code: int, folder: Path) -> None:
@@ -311,9 +417,11 @@ def _same_settings(folder: Path, cell: Cell) -> bool:
 
 
 def run_sweep(sweep: Sweep, parallel: int = 1, run_cell: Callable[[Cell, Path], None] | None = None,
-              echo: Callable[[str], None] = print) -> dict[str, int]:
-    """Run every unfinished cell; returns counts of cells done before, run now, failed."""
-    run_cell = run_cell or simulate_cell
+              echo: Callable[[str], None] = print, warm: bool = True,
+              ray_address: str | None = None) -> dict[str, int]:
+    """Run every unfinished cell, ``parallel`` at once; returns counts of cells done before,
+    run now, failed. ``run_cell`` runs one cell (default: ``WarmCells``, or ``ColdCells``
+    without ``warm``); ``ray_address``: the cells' clients run on that Ray cluster."""
     cells = sweep.cells()
     changed = changed_settings(sweep, cells)
     if changed:
@@ -336,18 +444,22 @@ def run_sweep(sweep: Sweep, parallel: int = 1, run_cell: Callable[[Cell, Path], 
             _clear(folder, cell)  # else the run continues from its checkpoint
         (folder / STATUS).unlink(missing_ok=True)
         try:
-            run_cell(cell, folder)
+            runner(cell, folder)
         except Exception as exc:  # recorded; the other cells go on
             write_json_atomic(folder / STATUS, {"status": "failed", "error": str(exc)})
             raise
         write_json_atomic(folder / STATUS, {"status": "done"})
 
-    _run_cells(todo, parallel, attempt, counts, started, echo)
+    runner = run_cell or (WarmCells(sweep.out, parallel, ray_address) if warm else ColdCells(sweep.out, ray_address))
+    _run_cells(todo, parallel, attempt, counts, started, echo, close=getattr(runner, "close", None))
     return counts
 
 
 def _run_cells(todo: list[Cell], parallel: int, attempt: Callable[[Cell], None], counts: dict[str, int],
-               started: float, echo: Callable[[str], None]) -> None:
+               started: float, echo: Callable[[str], None], close: Callable[[], None] | None = None) -> None:
+    """Run ``attempt`` on every cell, ``parallel`` at once; then ``close`` (what the runner
+    keeps between cells), while the threads that started its processes live: a process that
+    dies with its parent gets its signal when the thread that started it ends."""
     finished = 0
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         pending: dict[Future, Cell] = {}
@@ -379,6 +491,9 @@ def _run_cells(todo: list[Cell], parallel: int, attempt: Callable[[Cell], None],
                 future.cancel()
             stop_cells()  # before the pool waits for the threads that wait for them
             raise
+        finally:
+            if close is not None:
+                close()
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:

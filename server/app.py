@@ -17,6 +17,7 @@ from fedortho.checkpoint import CheckpointError, ClientStates, check_resumable, 
     load_checkpoint, save_checkpoint
 from fedortho.config import ConfigError, RunConfig
 from fedortho.data import DataError
+from fedortho.evalcache import cached_evaluate
 from fedortho.lora import adapter_state, load_adapter_state, save_adapter
 from fedortho.models import ModelLoadError
 from fedortho.privacy import NoisePlan
@@ -80,7 +81,9 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
         tensors = arrays.to_torch_state_dict()
         if evaluated(cfg, server_round):
             load_adapter_state(model, tensors)
-            accuracy, loss = evaluate(model, test, precision=cfg.eval_precision)
+            # round 0's model is untrained: a sweep's cells share its evaluation
+            accuracy, loss = (cached_evaluate(model, test, cfg.eval_precision) if server_round == 0
+                              else evaluate(model, test, precision=cfg.eval_precision))
             row.update({"test-accuracy": accuracy, "test-loss": loss})
             save_adapter(model, out / "adapter")  # the adapter of the last evaluated round
         recorder.record(row)
@@ -183,7 +186,7 @@ def zero_shot_accuracy(cfg: RunConfig, test) -> float | None:
         reference = build_model(cfg.replace(head_init="zero-shot", train_head=False))
     except ConfigError:
         return None
-    return evaluate(reference, test, precision=cfg.eval_precision)[0]
+    return cached_evaluate(reference, test, cfg.eval_precision)[0]
 
 
 def make_server_app(cfg: RunConfig, resume: bool = False, plans: Sequence[NoisePlan] = ()) -> ServerApp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -25,7 +26,7 @@ def worker_allocator() -> dict[str, str]:
 
 def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbose: bool, resume: bool = False,
              on_ray_started: Callable[[], None] | None = None, nodes: int = 0, client_gpus: float = 0.0,
-             plans: Sequence = ()) -> None:
+             plans: Sequence = (), warm: bool = False) -> None:
     """Run a Flower simulation (Ray) of ``cfg`` (``resume``: continue the run in ``cfg.out``
     after its checkpoint).
 
@@ -37,7 +38,9 @@ def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbos
     one GPU between workers; with any, clients train on the GPU). ``on_ray_started`` is called
     once Ray runs, before any round: Ray replaces the process's SIGTERM handler when it
     starts, so handlers of the caller's own are installed (again) there. ``plans``: noise plans
-    made before the run (``fedortho.cli.preflight``), handed to the workers at warm-up."""
+    made before the run (``fedortho.cli.preflight``), handed to the workers at warm-up.
+    ``warm``: keep Ray and the workers running when the run ends, and reuse those an earlier
+    run of this process left (``server.warm``; a sweep's cell host runs its cells so)."""
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a simulation sends nothing anywhere
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -51,6 +54,7 @@ def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbos
     from client.app import DIAGNOSTICS_ENV, SIMULATION_ENV, app as client_app
     from fedortho.worker import DEVICE_ENV
     from server.app import make_server_app
+    from server.warm import warm_backend
 
     # The workers' environment: simulated clients take their state from the message, report
     # gradient diagnostics and train on the device they were given. Set in Ray's job
@@ -78,7 +82,8 @@ def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbos
     # the backend's job environment (the driver's import path) gains the workers' variables.
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **worker_env}}, **init_args)
+    if not (warm and ray.is_initialized()):
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **worker_env}}, **init_args)
     if on_ray_started is not None:
         on_ray_started()
     try:
@@ -87,8 +92,9 @@ def simulate(cfg: RunConfig, client_cpus: float, ray_address: str | None, verbos
         ray.shutdown()
         raise
     nodes = nodes or min(cfg.clients, cfg.clients_per_round)
-    run_simulation(server_app=make_server_app(cfg, resume, plans), client_app=client_app, num_supernodes=nodes,
-                   backend_config=backend_config, verbose_logging=verbose)
+    with warm_backend() if warm else contextlib.nullcontext():
+        run_simulation(server_app=make_server_app(cfg, resume, plans), client_app=client_app,
+                       num_supernodes=nodes, backend_config=backend_config, verbose_logging=verbose)
 
 
 def check_resources(client_cpus: float, client_gpus: float) -> None:
