@@ -181,10 +181,13 @@ def load_checkpoint(run_dir: Path, verify_clients: bool = True) -> Checkpoint:
 def check_resumable(checkpoint: Checkpoint, cfg: RunConfig) -> None:
     """The checkpoint must be of this run's settings and leave rounds to run."""
     settings = cfg.to_dict(hyphenated=True)
-    changed = [k for k in settings if k != "out" and json_safe(settings[k]) != json_safe(checkpoint.config.get(k))]
+    # A setting added after the checkpoint was written ran as its default (what the code did
+    # before the setting existed).
+    written = {**RunConfig().to_dict(hyphenated=True), **checkpoint.config}
+    changed = [k for k in settings if k != "out" and json_safe(settings[k]) != json_safe(written.get(k))]
     if changed:
         k = changed[0]
-        raise CheckpointError(f"the checkpoint was written with {k}={checkpoint.config.get(k)!r}, the run's settings "
+        raise CheckpointError(f"the checkpoint was written with {k}={written.get(k)!r}, the run's settings "
                               f"say {k}={settings[k]!r}; it belongs to another run")
     if checkpoint.round >= cfg.rounds:
         raise CheckpointError(f"the run has already finished all {cfg.rounds} rounds")

@@ -17,6 +17,7 @@ from fedortho.optim import EXACT_CAPABLE, OPTIMIZERS
 
 PARTITIONINGS = ("dirichlet", "iid")
 HEAD_INITS = ("random", "zero-shot")
+LOGGERS = ("tensorboard", "mlflow")
 EMBEDDED_MODEL = "all-minilm-l6-v2"
 EMBEDDED_DATASET = "rotten-tomatoes"
 
@@ -43,6 +44,7 @@ class RunConfig:
     optimizer_state: str = field(default="reset", metadata={"help": "reset | keep: the client's optimizer state across rounds"})
     lr: float = field(default=0.0, metadata={"help": "client learning rate (0: the optimizer's default, sgd 0.5)"})
     head_lr: float = field(default=0.0, metadata={"help": "orthogonal optimizers: SGD rate of the head (0: 0.5)"})
+    train_precision: str = field(default="float32", metadata={"help": "client training: float32 | bfloat16 (the frozen base model under autocast; the trainable tensors, per-sample gradients, clipping, noise and optimizer stay float32)"})
     # privacy
     epsilon: float = field(default=6.0, metadata={"help": "target epsilon per client for the whole run (inf: no DP)"})
     delta: float = field(default=1e-5, metadata={"help": "target delta"})
@@ -86,6 +88,8 @@ class RunConfig:
     num_threads: int = field(default=0, metadata={"help": "torch threads per process (0: torch's default)"})
     eval_precision: str = field(default="bfloat16", metadata={"help": "server evaluation: bfloat16 (autocast, ~2x faster on CPU) | float32"})
     eval_every: int = field(default=1, metadata={"help": "evaluate every N rounds (round 0 and the last always)"})
+    log: str = field(default="", metadata={"help": "also log the run to tensorboard | mlflow | tensorboard,mlflow (empty: neither; see README, 'Watching runs')"})
+    mlflow_uri: str = field(default="", metadata={"help": "log=mlflow: MLflow tracking URI (empty: a SQLite store mlruns/mlflow.db beside the run folder, or in a sweep's folder)"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -119,6 +123,10 @@ class RunConfig:
         return math.isfinite(self.user_epsilon)
 
     @property
+    def loggers(self) -> list[str]:
+        return [name.strip() for name in self.log.split(",") if name.strip()]
+
+    @property
     def targets(self) -> list[str]:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
@@ -135,6 +143,8 @@ class RunConfig:
              "does not carry over from round to round; use reset")
         need(self.eval_precision in ("bfloat16", "float32"),
              f"eval-precision must be bfloat16 or float32, got '{self.eval_precision}'")
+        need(self.train_precision in ("float32", "bfloat16"),
+             f"train-precision must be float32 or bfloat16, got '{self.train_precision}'")
         need(self.optimizer_state in ("reset", "keep"),
              f"optimizer-state must be reset or keep, got '{self.optimizer_state}'")
         need(self.init_a in ("kaiming", "orthonormal"), f"init-a must be kaiming or orthonormal, got '{self.init_a}'")
@@ -180,6 +190,8 @@ class RunConfig:
         need(self.lora_alpha > 0 and math.isfinite(self.lora_alpha), f"lora-alpha must be > 0, got {self.lora_alpha}")
         need(0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}")
         need(self.num_threads >= 0, f"num-threads must be >= 0, got {self.num_threads}")
+        unknown = next((name for name in self.loggers if name not in LOGGERS), None)
+        need(unknown is None, f"log takes {', '.join(LOGGERS)} or both, comma-separated, got '{unknown}'")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
         need(self.orthogonalize in ("newton-schulz", "exact"),
              f"orthogonalize must be newton-schulz or exact, got '{self.orthogonalize}'")

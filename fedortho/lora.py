@@ -199,6 +199,12 @@ def load_adapter(base: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
     return model
 
 
+def adapter_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules that own adapter tensors (LoRA A, B and R, the head), trained or not."""
+    owned = {id(p) for p in _adapter_params(model).values()}
+    return [m for m in model.modules() if any(id(p) in owned for p in m.parameters(recurse=False))]
+
+
 def _adapter_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """Map PEFT state-dict names to the live parameters they are read from."""
     from peft import get_peft_model_state_dict

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -14,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedortho import privacy
 from fedortho.config import RunConfig
 from fedortho.diagnostics import GradientDiagnostics
-from fedortho.lora import adapter_state, set_trainable
+from fedortho.lora import adapter_modules, adapter_state, set_trainable
 from fedortho.optim import build_optimizer
 from fedortho.optim.state import export_state, import_state
 
@@ -58,7 +61,73 @@ def _logits(model, input_ids, attention_mask) -> torch.Tensor:
 def _forward_loss(model, batch, device: torch.device | str = "cpu") -> torch.Tensor:
     input_ids, attention_mask, labels = (t.to(device) for t in batch)
     logits = _logits(model, input_ids, attention_mask)
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits.float(), labels)  # in float32 whatever precision the head ran in
+
+
+# Mixed-precision training (train-precision bfloat16) and what Opacus 1.6 does with it.
+# Opacus computes a module's per-sample gradient from what its hooks capture: the module's
+# input (activations) and the gradient of its output (backprops). Its nn.Linear sampler
+# (grad_sample/linear.py) casts the activations to the backprops' dtype and takes their
+# einsum, so ``grad_sample`` has the dtype of the module's output gradient. Under
+# ``torch.autocast`` an nn.Linear with float32 weights computes in bfloat16 (PEFT casts the
+# LoRA path's input to A's float32; autocast casts it back for the matmul), so that gradient,
+# and grad_sample, are bfloat16. DPOptimizer.clip_and_accumulate takes the per-sample norms
+# and clip factors of grad_sample as it is, in bfloat16 (8 significant bits), and casts to
+# the parameter's dtype only afterwards: on random bfloat16 gradients its clipped gradients
+# exceeded the clip by up to 0.6%, which the accountant does not know about. The functorch
+# sampler (layers without a hand-written one) re-runs the layer under autocast in the
+# activations' dtype whenever that differs from the parameters'. Opacus' mixed precision is
+# thus low-precision per-sample gradients, upcast for the step.
+# Here the modules that own adapter tensors (LoRA A and B, Fed-SB's R, the head) run with
+# autocast disabled on inputs cast to their weights' float32. For those that train, their
+# outputs, hence the backprops Opacus captures, and grad_sample are float32 (the activations
+# it captured may be bfloat16; it casts them to float32, exactly the values the forward
+# used). Norms, clip factors, noise (drawn in the float32 summed gradient's dtype) and the
+# optimizer step are float32 too, so every clipped per-sample gradient is within the clip as
+# in float32 training and the guarantee is unchanged; only the frozen base model computes in
+# bfloat16, which changes the gradients' values, not their bound. Frozen adapter tensors run
+# in float32 as well, for accuracy at no cost: in bfloat16 a zero-shot head's logits (scale
+# 10) are off by ~2**-9 of their size; on MiniLM running it in float32 halved the per-sample
+# norms' error.
+# Backward and the optimizer step run outside autocast: Opacus computes grad_sample in
+# backward hooks and clips in the step, and under autocast those einsums (and the orthogonal
+# optimizers' matmuls) would run in bfloat16.
+
+
+@contextmanager
+def float32_adapters(model: torch.nn.Module) -> Iterator[list[torch.nn.Module]]:
+    """While open, the modules of ``model`` that own adapter tensors or trainable ones run
+    outside autocast, on inputs cast to their own weights' dtype; yields those modules.
+    Nothing stays on the model afterwards (a worker reuses it for other clients)."""
+    adapters = {id(m) for m in adapter_modules(model)}
+    modules = [m for m in model.modules()
+               if id(m) in adapters or any(p.requires_grad for p in m.parameters(recurse=False))]
+    for module in modules:
+        # A partial, not a closure: a deep copy of the module (Opacus' functorch sampler
+        # makes one) then calls the copy, not the original.
+        module.forward = functools.partial(_forward_outside_autocast, module)
+    try:
+        yield modules
+    finally:
+        for module in modules:
+            del module.forward  # the class's forward again
+
+
+def _forward_outside_autocast(module: torch.nn.Module, *args, **kwargs):
+    weight = next(module.parameters(recurse=False))
+    args = tuple(a.to(weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    with torch.autocast(weight.device.type, enabled=False):
+        return type(module).forward(module, *args, **kwargs)
+
+
+def forward_backward(model, batch, device: torch.device, precision: str = "float32") -> torch.Tensor:
+    """One training forward pass and its backward pass; returns the loss. ``precision``
+    "bfloat16" runs the forward pass under bfloat16 autocast: call it inside
+    ``float32_adapters(model)``, so that what trains opts out."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        loss = _forward_loss(model, batch, device)
+    loss.backward()  # outside autocast (see above)
+    return loss
 
 
 def _batches(loader: DataLoader):
@@ -96,7 +165,9 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
     the round would exceed the target. ``state`` is the client's privacy so far (None: a
     fresh budget); the result carries it after this round, with its plan.
     ``optimizer_state`` (from ``fedortho.optim.state.export_state``) resumes the optimizer;
-    the result carries its final state.
+    the result carries its final state. ``cfg.train_precision`` "bfloat16" runs the frozen
+    base model under bfloat16 autocast; what trains, and everything DP does to it, stays
+    float32.
     """
     n = len(dataset)
     device = next(model.parameters()).device  # batches and noise follow the model
@@ -125,21 +196,22 @@ def train_client(model: torch.nn.Module, dataset: TensorDataset, cfg: RunConfig,
                 model, optimizer, loader, sigma, cfg.clip, state.history, noise_gen)
     losses: list[float] = []
     diagnostics = GradientDiagnostics(cfg.clip, has_head=any("lora_" not in name for name in trainable))
+    mixed = cfg.train_precision == "bfloat16"
     try:
-        batches = _batches(loader)
-        for _ in range(cfg.local_steps):
-            batch = next(batches)
-            if len(batch[0]) == 0:
-                # An empty Poisson batch still releases a noisy step: account for it.
-                engine.accountant.step(noise_multiplier=sigma, sample_rate=rate)
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss = _forward_loss(wrapped, batch, device)
-            loss.backward()
-            if engine is not None:  # per-sample gradients, before the optimizer clips them
-                diagnostics.observe({name: p.grad_sample for name, p in named})
-            optimizer.step()
-            losses.append(float(loss.detach()))
+        with float32_adapters(model) if mixed else nullcontext():
+            batches = _batches(loader)
+            for _ in range(cfg.local_steps):
+                batch = next(batches)
+                if len(batch[0]) == 0:
+                    # An empty Poisson batch still releases a noisy step: account for it.
+                    engine.accountant.step(noise_multiplier=sigma, sample_rate=rate)
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss = forward_backward(wrapped, batch, device, cfg.train_precision)
+                if engine is not None:  # per-sample gradients, before the optimizer clips them
+                    diagnostics.observe({name: p.grad_sample for name, p in named})
+                optimizer.step()
+                losses.append(float(loss.detach()))
     finally:
         if engine is not None:
             wrapped._close()  # remove Opacus hooks: the model object is reused by later rounds

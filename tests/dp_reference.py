@@ -6,15 +6,21 @@ import torch
 from fedortho.train import _forward_loss
 
 
-def clipped_gradient_sum(model, params, batch, clip):
-    """Per parameter: sum over examples of the gradient scaled to total norm <= clip.
-
-    Also returns the per-example scale factors (below 1 where clipping bound)."""
+def per_sample_gradients(model, params, batch):
+    """Per example, the float64 copies of ``params``' gradients, one backward pass each."""
     per_sample = []
     for i in range(len(batch[0])):
         model.zero_grad()
         _forward_loss(model, [t[i:i + 1] for t in batch]).backward()
         per_sample.append([p.grad.detach().double().clone() for p in params])
+    return per_sample
+
+
+def clipped_gradient_sum(model, params, batch, clip):
+    """Per parameter: sum over examples of the gradient scaled to total norm <= clip.
+
+    Also returns the per-example scale factors (below 1 where clipping bound)."""
+    per_sample = per_sample_gradients(model, params, batch)
     factors = [min(1.0, clip / float(torch.cat([g.flatten() for g in gs]).norm())) for gs in per_sample]
     sums = [sum(f * gs[j] for f, gs in zip(factors, per_sample)) for j in range(len(params))]
     return sums, factors

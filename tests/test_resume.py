@@ -361,3 +361,19 @@ epsilon = [inf, 6.0]
     assert report.stdout.count("\n| ") == 2  # header separator aside: one row per cell
     table = (results / "results.csv").read_text().splitlines()
     assert len(table) == 3 and any(line.startswith("inf,1,") for line in table[1:])
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_as_that_settings_default():
+    """Settings added later (train-precision, log, ...) are absent from older checkpoints:
+    those runs ran as the defaults do, and any other difference is still refused."""
+    from fedortho.checkpoint import Checkpoint, CheckpointError, check_resumable
+    from fedortho.config import RunConfig
+
+    cfg = RunConfig(rounds=4)
+    older = {k: v for k, v in cfg.to_dict(hyphenated=True).items() if k not in ("train-precision", "log")}
+    checkpoint = Checkpoint(round=2, config=older, adapter={}, server={}, clients=None)
+    check_resumable(checkpoint, cfg)
+    with pytest.raises(CheckpointError, match="train-precision='float32'.*train-precision='bfloat16'"):
+        check_resumable(checkpoint, cfg.replace(train_precision="bfloat16"))
+    with pytest.raises(CheckpointError, match="lr=0.0"):
+        check_resumable(checkpoint, cfg.replace(lr=0.3))
