@@ -74,6 +74,10 @@ def preflight(cfg: RunConfig, resuming: bool = False) -> list:
             plan_for(cfg)
         except UserPlanError as exc:
             raise ConfigError(str(exc)) from None
+    if cfg.loggers:
+        from fedortho.tracking import check_installed
+
+        check_installed(cfg)
     if cfg.out and not resuming:  # last: a run that fails its other checks leaves no folder behind
         check_out_folder(Path(cfg.out), create=True)
     return plans

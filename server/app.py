@@ -22,6 +22,7 @@ from fedortho.lora import adapter_state, load_adapter_state, save_adapter
 from fedortho.models import ModelLoadError
 from fedortho.privacy import NoisePlan
 from fedortho.runs import RunRecorder, RunStopped, default_out, get_logger
+from fedortho.tracking import RunTracker
 from fedortho.train import evaluate
 from fedortho.worker import build_model, set_threads
 from server.grid import PromptGrid
@@ -93,9 +94,13 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
         save_checkpoint(out, server_round, cfg.to_dict(hyphenated=True), tensors, strategy.state_dict(), clients,
                         {"seconds": round(time.time() - recorder.started, 2), "zero-shot-accuracy": zero_shot,
                          "resumed-after-rounds": recorder.resumed_after})
+        # after the checkpoint: a logged round is one a resume does not run again
+        tracker.log_round(row)
 
     # Simulation: the workers build their models while this process evaluates round 0.
     warming = strategy.warm_up(grid) if state_travels else []
+    # TensorBoard, MLflow (setting log); a resumed run's logs get the kept rounds they lack
+    tracker = RunTracker.start(cfg, out, recorder.rows)
     finished, stopped, startup = False, None, None
     try:
         if checkpoint is None:
@@ -118,6 +123,7 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
                                    "startup-seconds": startup,
                                    **({"user-dp": strategy.user_dp.plan.describe()} if strategy.user_dp else {}),
                                    **({"stopped": stopped} if stopped else {})})
+        tracker.finish(summary, out / "adapter")
     if stopped:
         saved = max((r["round"] for r in recorder.rows), default=0)
         how = (f"`fedortho simulate --resume {out}`" if state_travels
