@@ -63,16 +63,70 @@ def search_noise_multiplier(epsilon: float, delta: float, sample_rate: float, st
     what is left of the budget.
     """
     prior = _history_tuple(prior)
+    stored = stored_noise_multiplier(epsilon, delta, sample_rate, steps, prior)
+    if stored is not None:
+        return stored
     try:
         if prior:
-            return _search_after_prior(float(epsilon), float(delta), float(sample_rate), int(steps), prior)
-        return _search_noise_multiplier(float(epsilon), float(delta), float(sample_rate), int(steps))
+            found = _search_after_prior(float(epsilon), float(delta), float(sample_rate), int(steps), prior)
+        else:
+            found = _search_noise_multiplier(float(epsilon), float(delta), float(sample_rate), int(steps))
     except ValueError:  # Opacus: "The privacy budget is too low."
         left = "what is left of " if prior else ""
         raise BudgetTooSmall(
             f"epsilon {epsilon:g} is too small: no noise multiplier keeps {steps} steps at sample rate "
             f"{sample_rate:.3g} within {left}it at delta {delta:g} (raise epsilon, or lower rounds or local-steps)"
         ) from None
+    store_noise_multiplier(epsilon, delta, sample_rate, steps, prior, found)
+    return found
+
+
+# Searched noise multipliers, kept across processes: a search runs the accountant dozens of
+# times (seconds), and every run, cell and test of one budget asks for the same ones. An entry
+# is keyed by everything the search depends on (its inputs, Opacus' version and this module's
+# code) and used only after one accountant call confirms that it keeps the steps within the
+# target, so a damaged or edited cache can cost a search, never privacy.
+CACHE_ENV = "FEDORTHO_CACHE"  # the folder (default: ~/.cache/fedortho, or $XDG_CACHE_HOME/fedortho)
+
+
+def _plan_file(epsilon, delta, sample_rate, steps, prior) -> Path | None:
+    import hashlib
+    import os
+
+    import opacus
+
+    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedortho"
+    key = json.dumps([opacus.__version__, _code_hash(), ACCOUNTANT, EPSILON_TOLERANCE, float(epsilon), float(delta),
+                      float(sample_rate), int(steps), [list(entry) for entry in prior]])
+    return Path(root) / "noise-plans" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+
+def _code_hash() -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def stored_noise_multiplier(epsilon, delta, sample_rate, steps, prior) -> float | None:
+    """The cached search result, if there is one and it keeps the steps within the target."""
+    try:
+        sigma = float(json.loads(_plan_file(epsilon, delta, sample_rate, steps, prior).read_text())["noise-multiplier"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return None
+    if not (math.isfinite(sigma) and 0 < sigma <= MAX_NOISE_MULTIPLIER):
+        return None
+    if spent_epsilon([*prior, (sigma, float(sample_rate), int(steps))], delta) > epsilon:
+        return None
+    return sigma
+
+
+def store_noise_multiplier(epsilon, delta, sample_rate, steps, prior, sigma: float) -> None:
+    try:
+        path = _plan_file(epsilon, delta, sample_rate, steps, prior)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"noise-multiplier": sigma})
+    except (OSError, RuntimeError):
+        pass  # a cache that cannot be written costs time, not results
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ Each cell runs ``fedortho simulate`` (the same code path) in its own folder ``<o
 by default in a long-lived cell host (``WarmCells``) that keeps its imports, Ray and its
 workers with their models from cell to cell, with the same results as a cell in a fresh
 process of its own (``ColdCells``, ``fedortho sweep --cold``). With ``--ray-address`` the
-cells' clients run on that Ray cluster, ``--parallel`` cells at once, results on this machine. A cell is finished when its ``status.json`` says ``done``: finished cells
-are never rerun or overwritten, and a sweep file whose settings no longer match a finished
-cell is refused rather than mixed with it. A cell interrupted in flight left no ``done``
+cells' clients run on that Ray cluster, ``--parallel`` cells at once, the results on this
+machine. A cell is finished when its ``status.json`` says ``done``: finished cells are never
+rerun or overwritten, and a sweep file whose settings no longer match a finished cell is
+refused rather than mixed with it. A cell interrupted in flight left no ``done``
 status: the next ``fedortho sweep`` continues it from its last checkpointed round (or, without
 one, runs it again from scratch). A failing cell records its error and the others go on (it
 is retried on the next call). Each cell's process (or cell host) leads its own process group,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -111,7 +112,7 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
         else:
             initial = ArrayRecord(checkpoint.adapter)
         strategy.warmed_up(grid, warming)
-        startup = round(time.time() - psutil.Process().create_time(), 2)
+        startup = round(time.time() - run_started(), 2)
         run_rounds(strategy, grid, initial, first, cfg.rounds, after_round)
         finished = True
     except RunStopped as exc:
@@ -119,7 +120,7 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
     finally:
         summary = recorder.finish({"majority-rate": data.majority_rate(data.splits_for(cfg).test_labels),
                                    "zero-shot-accuracy": zero_shot, "completed": finished,
-                                   # from this process's start to the first round it ran
+                                   # from the run's start (its process's, or its cell's in a cell host) to its first round
                                    "startup-seconds": startup,
                                    **({"user-dp": strategy.user_dp.plan.describe()} if strategy.user_dp else {}),
                                    **({"stopped": stopped} if stopped else {})})
@@ -162,6 +163,16 @@ def run_rounds(strategy: LoRAStrategy, grid: Grid, arrays: ArrayRecord, first: i
             arrays = new_arrays
         after_round(server_round, arrays)
     return arrays
+
+
+# When the run started, if not with its process: a sweep's cell host sets it for each cell.
+STARTED_AT_ENV = "FEDORTHO_RUN_STARTED_AT"
+
+
+def run_started() -> float:
+    """The run's start (seconds since the epoch): its process's, unless ``STARTED_AT_ENV`` says."""
+    given = os.environ.get(STARTED_AT_ENV, "")
+    return float(given) if given else psutil.Process().create_time()
 
 
 def provenance(grid: Grid) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from collections.abc import Iterator
 
@@ -27,6 +28,7 @@ def serve_cells(hosts: int = 1, ray_address: str | None = None) -> int:
     """Run cells until the input ends (``hosts``: cell hosts of the sweep sharing the cluster)."""
     from fedortho import cli
     from fedortho.guardian import guard_this_process
+    from server.app import STARTED_AT_ENV
     from server.warm import share_cluster
 
     share_cluster(hosts)
@@ -37,6 +39,7 @@ def serve_cells(hosts: int = 1, ray_address: str | None = None) -> int:
         argv = list(request["argv"])
         if ray_address:  # where Ray runs is not a run setting: a resumed cell takes it too
             argv += ["--ray-address", ray_address]
+        os.environ[STARTED_AT_ENV] = repr(time.time())  # the cell's start-up is counted from here
         with output_to(request["log"]):
             code = cli.main(argv, warm=True)
         replies.write(json.dumps({"code": code}) + "\n")

@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +9,11 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: Triton kernels run in its interpreter
+# The suite's own cache of searched noise multipliers (fedortho.privacy), shared by the runs it
+# starts, not the user's.
+_CACHE = tempfile.mkdtemp(prefix="fedortho-test-cache-")
+os.environ["FEDORTHO_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -58,7 +58,8 @@ def test_a_budget_too_small_to_plan_is_named_before_training():
         (privacy.search_noise_multiplier(3.0, 1e-5, 0.1, 20), 0.1, 20, ())
 
 
-def test_a_planner_searches_once_per_distinct_setting_and_keeps_plans_handed_to_it(monkeypatch):
+def test_a_planner_searches_once_per_distinct_setting_and_keeps_plans_handed_to_it(monkeypatch, tmp_path):
+    monkeypatch.setenv(privacy.CACHE_ENV, str(tmp_path))  # an empty cache of searches
     calls = []
     search = privacy._search_noise_multiplier
     monkeypatch.setattr(privacy, "_search_noise_multiplier", lambda *key: calls.append(key) or search(*key))
@@ -70,7 +71,10 @@ def test_a_planner_searches_once_per_distinct_setting_and_keeps_plans_handed_to_
     planner.add(3.0, 1e-5, privacy.NoisePlan(1.234, 0.1, 20))
     assert planner.plan(3.0, 1e-5, 0.1, 20).noise_multiplier == 1.234 and len(calls) == 2
     assert {p.noise_multiplier for p in planner.known(3.0, 1e-5)} == {1.234}
-    assert privacy.NoisePlanner().plan(6.0, 1e-5, 0.05, 12) == first[0] and len(calls) == 3  # nothing shared
+    # Another planner (another process) shares nothing in memory; it finds the search on disk.
+    assert privacy.NoisePlanner().plan(6.0, 1e-5, 0.05, 12) == first[0] and len(calls) == 2
+    monkeypatch.setenv(privacy.CACHE_ENV, str(tmp_path / "other"))
+    assert privacy.NoisePlanner().plan(6.0, 1e-5, 0.05, 12) == first[0] and len(calls) == 3
 
 
 def test_a_privacy_state_round_trips_and_refuses_impossible_histories():
@@ -227,3 +231,30 @@ def test_clipping_and_noise_against_a_hand_computed_step(tiny_cfg):
     assert torch.allclose(after, expected, atol=1e-6)
     # And the noise is really there: without it the step would be far from what happened.
     assert (after - (before - lr * clipped_sum / expected_batch)).norm() > 0.5 * (lr * noise / expected_batch).norm()
+
+
+def test_a_cached_noise_multiplier_is_the_searched_one_and_a_damaged_one_is_never_used(tmp_path, monkeypatch):
+    """Searches are kept across processes (``FEDORTHO_CACHE``); an entry is used only if the
+    accountant confirms it keeps the steps within the target."""
+    import json
+
+    from fedortho import privacy
+
+    monkeypatch.setenv(privacy.CACHE_ENV, str(tmp_path))
+    budget = (6.0, 1e-5, 0.05, 24, ((1.0, 0.05, 10),))
+    searched = privacy.search_noise_multiplier(*budget)
+    files = list((tmp_path / "noise-plans").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text()) == {"noise-multiplier": searched}
+    assert privacy.stored_noise_multiplier(*budget) == searched
+    assert privacy.search_noise_multiplier(*budget) == searched
+    assert privacy.stored_noise_multiplier(6.0, 1e-5, 0.05, 25, budget[4]) is None  # another budget, another entry
+    # an entry with less noise than the budget allows (edited, or from a bug) is not used ...
+    files[0].write_text(json.dumps({"noise-multiplier": searched * 0.9}))
+    assert privacy.stored_noise_multiplier(*budget) is None
+    assert privacy.search_noise_multiplier(*budget) == searched  # ... the search runs again and stores its result
+    assert json.loads(files[0].read_text()) == {"noise-multiplier": searched}
+    for damaged in ("{", '{"noise-multiplier": "x"}', '{"noise-multiplier": -1}', '{"noise-multiplier": NaN}'):
+        files[0].write_text(damaged)
+        assert privacy.stored_noise_multiplier(*budget) is None
+    spent = privacy.spent_epsilon([*budget[4], (searched, 0.05, 24)], 1e-5)
+    assert spent <= 6.0 and spent > 6.0 - 2 * privacy.EPSILON_TOLERANCE  # the search's own tolerance

@@ -49,6 +49,68 @@ def first_run(tmp_path_factory, tiny_model_dir, hf_dataset_dir):
     return out, proc
 
 
+# The first run's settings as cells of one sweep, with two more runs of this module's tests:
+# a warm cell host runs all four, one after another (server.cellhost).
+CELLS = """[sweep]
+name = "cells"
+out = "{out}"
+[base]
+model = "{model}"
+dataset = "{dataset}"
+clients = 3
+clients-per-round = 3
+rounds = 2
+local-steps = 2
+batch-size = 16
+epsilon = 6.0
+eval-precision = "float32"
+[grid]
+run = [
+    {{label = "seed-1", seed = 1}},
+    {{label = "first-run", seed = 3}},
+    {{label = "auon-kept", seed = 3, optimizer = "auon", optimizer-state = "keep"}},
+    {{label = "user-dp", seed = 3, user-epsilon = 3.0, update-clip = 0.1, adaptive-clip = true, noise-cohort-size = 300, clip-placement = "client"}},
+]
+"""
+
+
+def sweep(path, *options):
+    proc = subprocess.run([sys.executable, "-m", "fedortho.cli", "sweep", str(path), *options],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def warm_cells(tmp_path_factory, tiny_model_dir, hf_dataset_dir):
+    """(sweep file, the cells' run folders by label): the four cells, run by the default
+    sweep on this machine, one warm cell host."""
+    from fedortho.sweep import load_sweep
+
+    folder = tmp_path_factory.mktemp("warm")
+    path = folder / "cells.toml"
+    path.write_text(CELLS.format(out=folder / "results", model=tiny_model_dir, dataset=hf_dataset_dir))
+    proc = sweep(path)
+    assert "4 ran, 0 failed" in proc.stdout
+    spec = load_sweep(path)
+    return path, {cell.values["run"]: spec.out / cell.name / "run" for cell in spec.cells()}
+
+
+def outcome(run):
+    """Everything a run computed, without its timings."""
+    def untimed(name):
+        return [{k: v for k, v in json.loads(line).items() if "seconds" not in k}
+                for line in (run / name).read_text().splitlines()]
+
+    summary = {k: v for k, v in json.loads((run / "summary.json").read_text()).items() if "seconds" not in k}
+    return {"metrics": untimed("metrics.jsonl"), "privacy": untimed("privacy.jsonl"), "summary": summary,
+            "adapter": (run / "adapter" / "adapter_model.safetensors").read_bytes()}
+
+
+def cell_log(run):
+    return (run.parent / "log.txt").read_text()
+
+
 def test_cli_simulation_writes_a_complete_run_folder(first_run):
     out, proc = first_run
     for name in ("config.json", "metrics.jsonl", "summary.json", "accuracy_epsilon.png",
@@ -108,11 +170,13 @@ def test_same_seed_same_result_with_one_worker_or_two_and_any_number_of_nodes(fi
     same_run(again, out)
 
 
-def test_attached_to_a_two_node_ray_cluster_the_run_is_the_same(first_run, tmp_path, tiny_model_dir,
-                                                                hf_dataset_dir):
+def test_attached_to_a_two_node_ray_cluster_the_run_and_a_sweep_are_the_same(first_run, warm_cells, tmp_path,
+                                                                             tiny_model_dir, hf_dataset_dir):
     """``--ray-address`` attaches to a running cluster: two Ray nodes on this machine, one CPU
     each, and half a CPU per client: 4 workers, 2 on each node, train the clients. The result
-    is the first run's (2 workers on one node). The cluster is the test's and it stops it."""
+    is the first run's (2 workers on one node). Then a sweep of four cells on the same cluster
+    spreads its cells over both nodes and computes the cells run on this machine. The cluster
+    is the test's and it stops it."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -130,10 +194,54 @@ def test_attached_to_a_two_node_ray_cluster_the_run_is_the_same(first_run, tmp_p
         same_run(attached, out)
         alive = [n for n in cluster.list_all_nodes() if n.remaining_processes_alive()]
         assert len(alive) == 2  # the run used the cluster and left it running, as attached runs must
+        swept = sweep_on(cluster, warm_cells, tmp_path)
     finally:
         cluster.shutdown()
         ray.shutdown()
     assert not any(n.any_processes_alive() for n in cluster.list_all_nodes())
+    # The sweep: two cell hosts at once (--parallel 2), each with one worker; the cluster's two
+    # nodes have one CPU each, so the hosts' workers ran on different nodes.
+    nodes, local = swept
+    used = set()
+    for label, run in local.items():
+        cluster_run = tmp_path / "results" / run.parent.name / "run"
+        found = re.findall(r"1 workers on Ray node (\w+)", cell_log(cluster_run))
+        assert len(found) == 1, cell_log(cluster_run)
+        used.update(found)
+        assert outcome(cluster_run) == outcome(run), label  # as the cells run on this machine
+    assert used == nodes
+
+
+def sweep_on(cluster, warm_cells, tmp_path):
+    """Run the warm cells' sweep on ``cluster``, two cells at once, into ``tmp_path/results``;
+    returns (the cluster's node ids, the local cells)."""
+    path, local = warm_cells
+    on_cluster = tmp_path / "cells.toml"
+    on_cluster.write_text(path.read_text().replace(str(path.parent / "results"), str(tmp_path / "results")))
+    proc = sweep(on_cluster, "--ray-address", cluster.address, "--parallel", "2")
+    assert "4 ran, 0 failed" in proc.stdout
+    return {node.node_id for node in cluster.list_all_nodes()}, local
+
+
+def test_a_warm_cell_is_bit_identical_to_a_cold_one(warm_cells, first_run):
+    """The first run's settings as the second cell of a cell host, which had run a cell before
+    it (its Ray, workers, models, noise plans and the zero-shot evaluation reused): the same
+    run, to the bit, as the cold first run (a process of its own, no evaluation cache)."""
+    from fedortho.sweep import EVAL_CACHE
+
+    _, cells = warm_cells
+    assert all("workers on Ray node" in cell_log(run) for run in cells.values())  # each ran in a cell host
+    out, _ = first_run
+    warm, cold = outcome(cells["first-run"]), outcome(out)
+    assert warm == cold
+    assert [r["round"] for r in warm["metrics"]] == [0, 1, 2] and warm["summary"]["completed"] is True
+    assert outcome(cells["seed-1"])["adapter"] != warm["adapter"]  # the cells did not share their training
+    # Round 0's model is the same in every cell (B = 0 adds nothing whatever A the seed drew, and
+    # the saved tiny model brings its own head; its labels have no descriptions, so no zero-shot
+    # head): one evaluation, made once and read by the other three cells.
+    sweep_folder = cells["seed-1"].parent.parent
+    assert len(list((sweep_folder / EVAL_CACHE).glob("*.json"))) == 1
+    assert len({json.dumps(outcome(run)["metrics"][0]) for run in cells.values()}) == 1
 
 
 def test_bad_option_is_one_clear_line(tmp_path):
@@ -199,9 +307,8 @@ def test_bad_inputs_fail_in_one_line_before_ray_starts(tmp_path, tiny_model_dir,
         assert not out.exists()
 
 
-def test_orthogonal_optimizer_with_kept_state_under_dp(tmp_path, tiny_model_dir, hf_dataset_dir):
-    out = tmp_path / "auon"
-    simulate(out, tiny_model_dir, hf_dataset_dir, "--optimizer", "auon", "--optimizer-state", "keep")
+def test_orthogonal_optimizer_with_kept_state_under_dp(warm_cells):
+    out = warm_cells[1]["auon-kept"]
     metrics = rows(out)
     assert [r["clients-replied"] for r in metrics[1:]] == [3, 3]
     assert 0 < metrics[1]["epsilon"] < metrics[2]["epsilon"] <= 6.0
@@ -219,15 +326,14 @@ def test_an_unplannable_epsilon_fails_before_the_simulation_starts(tmp_path, tin
 
 
 
-def test_user_level_and_record_level_dp_together_in_a_simulation(tmp_path, tiny_model_dir, hf_dataset_dir):
+def test_user_level_and_record_level_dp_together_in_a_simulation(warm_cells):
     """Both budgets reported, each for its unit; the user-level one for the simulated population
     of a 300-client noise cohort, said so in the summary and the last line."""
     from fedortho import userdp
     from test_userdp import opacus_epsilon
 
-    out = tmp_path / "user"
-    proc = simulate(out, tiny_model_dir, hf_dataset_dir, "--user-epsilon", "3", "--update-clip", "0.1",
-                    "--adaptive-clip", "true", "--noise-cohort-size", "300", "--clip-placement", "client")
+    out = warm_cells[1]["user-dp"]
+    output = cell_log(out)
     plan = userdp.plan(3.0, 1e-5, 3, 3, 2, adaptive=True, noise_cohort_size=300)
     metrics = rows(out)[1:]
     # the accountant recomputed from what the run folder records
@@ -239,4 +345,4 @@ def test_user_level_and_record_level_dp_together_in_a_simulation(tmp_path, tiny_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["user-epsilon-spent"] == metrics[-1]["user-epsilon"] <= 3.0
     assert "simulated population of 300 users" in summary["user-dp"]
-    assert "user-level epsilon spent" in proc.stdout and "(for the simulated population)" in proc.stdout
+    assert "user-level epsilon spent" in output and "(for the simulated population)" in output
