@@ -39,6 +39,7 @@ bench: setup
 	$(PY) benchmarks/bench_optimizers.py
 	$(PY) benchmarks/bench_deployment.py
 	$(PY) benchmarks/bench_checkpoint.py
+	$(PY) benchmarks/bench_precision.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,10 +1,11 @@
 """Seconds per private (DP-SGD) client step, train-precision float32 against bfloat16, side by side.
 
 The embedded default model (all-MiniLM-L6-v2), max-length 48, the default LoRA (r 8 on
-query and value), the default private run (epsilon 6, clip 2, SGD). Two settings: the
-trained head at batch 32 (the defaults) and the regime's frozen zero-shot head at batch 16.
-Each repetition times one ``train.train_client`` round of ``--steps`` Opacus steps (Poisson
-batches; set-up included, noise plan made beforehand) per setting and precision, with the
+query and value), the default private run (epsilon 6, clip 2, SGD). Two client rounds: the
+default run's (trained head, batch 32, 3 steps) and the regime's (frozen zero-shot head,
+batch 16, 20 steps, LoRA dropout 0.05). Each repetition times one ``train.train_client``
+round of Opacus steps (Poisson batches; the round's set-up included, the noise plan made
+beforehand; seconds per step are the round's divided by its steps) per setting and precision, with the
 same seed for both precisions (same batches, same noise), alternating which goes first;
 the table has medians over repetitions and the speed-up float32 / bfloat16, and the same
 ratio of the fastest rounds (less sensitive to other work on the machine).
@@ -15,7 +16,7 @@ backward code (``train.forward_backward`` inside ``train.float32_adapters``) wit
 Opacus' per-sample hooks, dropout off (in training the two would draw different masks):
 median and largest relative error over the batch.
 
-    python benchmarks/bench_precision.py [--repeats 5] [--steps 3]
+    python benchmarks/bench_precision.py [--repeats 5]
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ from fedortho.rules import trainable_names
 from fedortho.train import float32_adapters, forward_backward, train_client
 from fedortho.worker import build_model
 
-SETTINGS = {
-    "trained head, batch 32": {},
-    "frozen zero-shot head, batch 16": {"train_head": False, "head_init": "zero-shot", "batch_size": 16},
+SETTINGS = {  # a client round of the default run, and of the regime (experiments/precision.toml)
+    "default run: trained head, batch 32, 3 steps": {"local_steps": 3},
+    "regime: frozen zero-shot head, batch 16, 20 steps": {"train_head": False, "head_init": "zero-shot",
+                                                           "batch_size": 16, "local_steps": 20,
+                                                           "lora_dropout": 0.05},
 }
 PRECISIONS = ("float32", "bfloat16")
 
@@ -104,23 +107,24 @@ def time_side_by_side(setting: Setting, repeats: int, planner: NoisePlanner) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per setting and precision")
-    parser.add_argument("--steps", type=int, default=3, help="DP steps per timed round (local-steps)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")  # Opacus' notes on secure RNG, transformers' deprecations
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; median of "
-          f"{args.repeats} interleaved train_client rounds of {args.steps} DP steps (set-up included)\n")
-    print("| setting | float32 s/step | bfloat16 s/step | speed-up (fp32 / bf16) | fastest rounds' speed-up "
-          "| norm rel. error median | max |")
-    print("|---|---|---|---|---|---|---|")
+          f"{args.repeats} interleaved train_client rounds (set-up included)\n")
+    print("| client round | float32 s/round | bfloat16 s/round | float32 s/step | bfloat16 s/step "
+          "| speed-up (fp32 / bf16) | fastest rounds' speed-up | norm rel. error median | max |")
+    print("|---|---|---|---|---|---|---|---|---|")
     planner = NoisePlanner()
     for label, changes in SETTINGS.items():
-        setting = Setting(RunConfig(local_steps=args.steps, **changes))
+        setting = Setting(RunConfig(**changes))
         times = time_side_by_side(setting, args.repeats, planner)
-        full, mixed = (statistics.median(times[p]) / args.steps for p in PRECISIONS)
+        full, mixed = (statistics.median(times[p]) for p in PRECISIONS)
+        steps = setting.cfg.local_steps
         reference, low = setting.per_sample_norms("float32"), setting.per_sample_norms("bfloat16")
         error = ((low - reference).abs() / reference).numpy()
         fastest = min(times["float32"]) / min(times["bfloat16"])
-        print(f"| {label} | {full:.3f} | {mixed:.3f} | {full / mixed:.2f}x | {fastest:.2f}x | "
+        print(f"| {label} | {full:.2f} | {mixed:.2f} | {full / steps:.3f} | {mixed / steps:.3f} | {full / mixed:.2f}x "
+              f"| {fastest:.2f}x | "
               f"{statistics.median(error):.1e} | {error.max():.1e} |", flush=True)
 
 

@@ -3,7 +3,8 @@
 A cell's fixed cost is its wall time as the sweep sees it (from sending the cell to its
 return) less the seconds of its training rounds (rounds 1..R of ``metrics.jsonl``): what
 remains is imports, Ray's start, the workers' start and model build, noise planning, the
-round-0 and zero-shot evaluations, and writing the run's outputs. Two sweeps of 6 cells
+round-0 and zero-shot evaluations, the evaluation of the cell's one round, and writing the
+run's outputs. Two sweeps of 6 cells
 each (seeds 0-5), both the cold way (a process per cell, no evaluation cache: how every
 cell ran before) and the warm way (one cell host, the sweep's evaluation cache), side by
 side in one run:
