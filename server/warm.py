@@ -13,6 +13,7 @@ same result as a cold one.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import ray
@@ -61,8 +62,10 @@ class WarmRayBackend(raybackend.RayBackend):
         _Kept.resources, _Kept.actors = resources, []
         self.app_fn = app_fn
         nodes = ray.get([actor.__ray_call__.remote(_node_of) for actor in self.pool.pool])
-        print(f"fedortho: {len(nodes)} workers on Ray node{'s' if len(set(nodes)) > 1 else ''} "
-              f"{', '.join(sorted(set(nodes)))}", flush=True)
+        # one write, line and newline together: the server's thread prints at the same time
+        sys.stdout.write(f"fedortho: {len(nodes)} workers on Ray node{'s' if len(set(nodes)) > 1 else ''} "
+                         f"{', '.join(sorted(set(nodes)))}\n")
+        sys.stdout.flush()
 
     def terminate(self) -> None:
         if self.pool is not None:

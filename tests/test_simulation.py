@@ -205,7 +205,7 @@ def test_attached_to_a_two_node_ray_cluster_the_run_and_a_sweep_are_the_same(fir
     used = set()
     for label, run in local.items():
         cluster_run = tmp_path / "results" / run.parent.name / "run"
-        found = re.findall(r"1 workers on Ray node (\w+)", cell_log(cluster_run))
+        found = re.findall(r"1 workers on Ray node ([0-9a-f]+)", cell_log(cluster_run))
         assert len(found) == 1, cell_log(cluster_run)
         used.update(found)
         assert outcome(cluster_run) == outcome(run), label  # as the cells run on this machine
