@@ -22,10 +22,12 @@ import sys
 import time
 from contextlib import contextmanager
 from collections.abc import Iterator
+from typing import NoReturn
 
 
-def serve_cells(hosts: int = 1, ray_address: str | None = None) -> int:
-    """Run cells until the input ends (``hosts``: cell hosts of the sweep sharing the cluster)."""
+def serve_cells(hosts: int = 1, ray_address: str | None = None) -> NoReturn:
+    """Run cells until the input ends, then end the process (``hosts``: cell hosts of the sweep
+    sharing the cluster)."""
     from fedortho import cli
     from fedortho.guardian import guard_this_process
     from server.app import STARTED_AT_ENV
