@@ -16,7 +16,7 @@ backward code (``train.forward_backward`` inside ``train.float32_adapters``) wit
 Opacus' per-sample hooks, dropout off (in training the two would draw different masks):
 median and largest relative error over the batch.
 
-    python benchmarks/bench_precision.py [--repeats 5]
+    python benchmarks/bench_precision.py [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -107,7 +107,10 @@ def time_side_by_side(setting: Setting, repeats: int, planner: NoisePlanner) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per setting and precision")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: a simulation worker's, at --client-cpus 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # Opacus' notes on secure RNG, transformers' deprecations
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; median of "
           f"{args.repeats} interleaved train_client rounds (set-up included)\n")
