@@ -120,7 +120,7 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False, state_trave
     finally:
         summary = recorder.finish({"majority-rate": data.majority_rate(data.splits_for(cfg).test_labels),
                                    "zero-shot-accuracy": zero_shot, "completed": finished,
-                                   # from the run's start (its process's, or its cell's in a cell host) to its first round
+                                   # from the run's start (its process's or cell's) to its first round
                                    "startup-seconds": startup,
                                    **({"user-dp": strategy.user_dp.plan.describe()} if strategy.user_dp else {}),
                                    **({"stopped": stopped} if stopped else {})})
