@@ -11,6 +11,7 @@ refused before any step is taken.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import math
 import warnings
@@ -89,7 +90,7 @@ def search_noise_multiplier(epsilon: float, delta: float, sample_rate: float, st
 CACHE_ENV = "FEDORTHO_CACHE"  # the folder (default: ~/.cache/fedortho, or $XDG_CACHE_HOME/fedortho)
 
 
-def _plan_file(epsilon, delta, sample_rate, steps, prior) -> Path | None:
+def _plan_file(epsilon, delta, sample_rate, steps, prior) -> Path:
     import hashlib
     import os
 
@@ -101,7 +102,9 @@ def _plan_file(epsilon, delta, sample_rate, steps, prior) -> Path | None:
     return Path(root) / "noise-plans" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
 
 
+@functools.lru_cache(maxsize=1)
 def _code_hash() -> str:
+    """This module's code, read once: a change to the planning invalidates every entry."""
     import hashlib
 
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()

@@ -235,14 +235,12 @@ STOP_GRACE_SECONDS = 30
 Launcher = Callable[[list[str], Path], int]
 
 
-def simulate_cell(cell: Cell, folder: Path, launch: Launcher | None = None) -> None:
-    """Run one cell through ``fedortho simulate``; raise on failure. ``launch``: how (default:
-    a fresh process, ``ColdCells.launch``).
+def simulate_cell(cell: Cell, folder: Path, launch: Launcher) -> None:
+    """Run one cell through ``fedortho simulate`` with ``launch``; raise on failure.
 
     A cell whose run was interrupted after a checkpoint is continued (``--resume``); if its
     checkpoint cannot be resumed, the cell starts over.
     """
-    launch = launch or ColdCells().launch
     run = folder / RUN
     if _has_checkpoint(run):
         code = launch(["simulate", "--resume", str(run)], folder)
@@ -260,27 +258,38 @@ def _has_checkpoint(run: Path) -> bool:
     return (run / "checkpoint" / "checkpoint.json").is_file()
 
 
-# Set in every cell's environment: evaluations of an untrained model (round 0, the zero-shot
-# head) are kept there and shared by the sweep's cells (fedortho.evalcache).
+EVAL_CACHE = ".eval-cache"
+
+
 def _cell_environment(sweep_out: Path) -> dict[str, str]:
+    """The cells' environment: evaluations of an untrained model (round 0, the zero-shot head)
+    are kept in the sweep's ``EVAL_CACHE`` and shared by its cells (fedortho.evalcache)."""
     from fedortho.evalcache import CACHE_ENV
 
     return {**os.environ, CACHE_ENV: str(sweep_out.resolve() / EVAL_CACHE)}
 
 
-EVAL_CACHE = ".eval-cache"
+class CellRunner:
+    """Runs a cell through ``simulate_cell`` with its ``launch``; ``close`` ends what it keeps
+    between cells."""
+
+    def __call__(self, cell: Cell, folder: Path) -> None:
+        simulate_cell(cell, folder, self.launch)
+
+    def launch(self, args: list[str], folder: Path) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
-class ColdCells:
+class ColdCells(CellRunner):
     """Each cell in a fresh ``fedortho simulate`` process, which leads its own process group
     (Ray's processes join it) and gets SIGTERM if the sweep dies, even by SIGKILL."""
 
     def __init__(self, sweep_out: Path | None = None, ray_address: str | None = None) -> None:
         self.env = _cell_environment(sweep_out) if sweep_out is not None else None
         self.extra = ["--ray-address", ray_address] if ray_address else []
-
-    def __call__(self, cell: Cell, folder: Path) -> None:
-        simulate_cell(cell, folder, self.launch)
 
     def launch(self, args: list[str], folder: Path) -> int:
         with open(folder / "log.txt", "a") as log:
@@ -291,11 +300,8 @@ class ColdCells:
         finally:
             _forget(proc)
 
-    def close(self) -> None:
-        pass
 
-
-class WarmCells:
+class WarmCells(CellRunner):
     """Cells run by long-lived cell hosts (``fedortho cell-host``, ``server.cellhost``): one per
     cell running at once, each keeping its imports, its Ray session and its workers (with
     their models and data) from cell to cell. A host whose cell failed is replaced, so a
@@ -308,9 +314,6 @@ class WarmCells:
         self.host_log = sweep_out / "cell-hosts.log"  # what a host says outside its cells
         self.idle: list[subprocess.Popen] = []
         self.lock = threading.Lock()
-
-    def __call__(self, cell: Cell, folder: Path) -> None:
-        simulate_cell(cell, folder, self.launch)
 
     def launch(self, args: list[str], folder: Path) -> int:
         with self.lock:
@@ -325,8 +328,8 @@ class WarmCells:
             host.stdin.flush()
             reply = host.stdout.readline()
             code = json.loads(reply)["code"] if reply else host.wait()  # no reply: the host died
-        except (OSError, ValueError):
-            code = host.poll() if host.poll() is not None else 1
+        except (OSError, ValueError):  # a broken reply: never a success
+            code = host.poll() or 1
         finally:
             if code == 0:
                 with self.lock:
@@ -435,6 +438,7 @@ def run_sweep(sweep: Sweep, parallel: int = 1, run_cell: Callable[[Cell, Path], 
     counts = {"cells": len(cells), "done-before": len(cells) - len(todo), "ran": 0, "failed": 0}
     echo(f"sweep {sweep.name}: {len(cells)} cells, {counts['done-before']} already done, {len(todo)} to run")
     started = time.time()
+    runner = run_cell or (WarmCells(sweep.out, parallel, ray_address) if warm else ColdCells(sweep.out, ray_address))
 
     def attempt(cell: Cell) -> None:
         folder = sweep.out / cell.name
@@ -451,7 +455,6 @@ def run_sweep(sweep: Sweep, parallel: int = 1, run_cell: Callable[[Cell, Path], 
             raise
         write_json_atomic(folder / STATUS, {"status": "done"})
 
-    runner = run_cell or (WarmCells(sweep.out, parallel, ray_address) if warm else ColdCells(sweep.out, ray_address))
     _run_cells(todo, parallel, attempt, counts, started, echo, close=getattr(runner, "close", None))
     return counts
 
